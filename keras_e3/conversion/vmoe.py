@@ -1,0 +1,247 @@
+"""Official google-research/vmoe models: configs and parameters.
+
+`backbone_kwargs_from_vmoe` turns a vmoe model config (the keyword
+arguments of `VisionTransformerMoe` / `VisionTransformerMoeEnsemble`) into
+`E3ViTBackbone` arguments; `vmoe_variable_map` names every variable of our
+model with its official Flax path; `load_vmoe_params` assigns official
+parameters, refusing any missing, unexpected or wrongly shaped one.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+MODEL_NAMES = ("VisionTransformerMoe", "VisionTransformerMoeEnsemble")
+# Keys of a vmoe config that do not change the computation here.
+_IGNORED_KEYS = {"name", "deterministic", "split_rngs", "encoder_cls",
+                 "dtype", "head_kernel_zero_init"}
+
+
+class VmoeConversionError(ValueError):
+    """A vmoe config or parameter set that cannot be mapped to keras-e3."""
+
+
+def read_config(config):
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            config = json.load(f)
+    if not isinstance(config, dict):
+        raise VmoeConversionError(
+            f"config must be a dict or a JSON file path; got "
+            f"{type(config).__name__}.")
+    return config
+
+
+def read_params(params):
+    """A flat {official name: array} mapping from a mapping or an .npz."""
+    if isinstance(params, (str, os.PathLike)):
+        path = os.fspath(params)
+        if not path.endswith(".npz"):
+            raise VmoeConversionError(
+                f"Unsupported parameter file {path!r}: expected an .npz of "
+                "official parameter names.")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise VmoeConversionError(
+                f"Could not read parameters from {path!r}: {e}") from e
+    if not hasattr(params, "items"):
+        raise VmoeConversionError(
+            "params must be a mapping of official parameter names to arrays "
+            f"or an .npz path; got {type(params).__name__}.")
+    flat = {}
+    _flatten(params, "", flat)
+    return flat
+
+
+def _flatten(tree, prefix, out):
+    """Nested {"Encoder": {...}} or flat {"Encoder/...": array} -> flat."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            _flatten(value, name + "/", out)
+        else:
+            out[name] = np.asarray(value)
+
+
+def _unsupported(what):
+    raise VmoeConversionError(f"Unsupported vmoe config: {what}.")
+
+
+def backbone_kwargs_from_vmoe(config, image_size=None):
+    """E3ViTBackbone kwargs and the head settings of a vmoe model config.
+
+    Returns (backbone_kwargs, num_classes, head_kwargs). `image_size`
+    defaults to the config's `image_size` (a convenience field, not a vmoe
+    model argument); pass it when the config lacks one.
+    """
+    config = read_config(config)
+    name = config.get("name", "VisionTransformerMoe")
+    if name not in MODEL_NAMES:
+        _unsupported(f"model {name!r} (supported: {MODEL_NAMES})")
+    encoder = dict(config.get("encoder") or {})
+    moe = dict(encoder.pop("moe", None) or {})
+    router = dict(moe.pop("router", None) or {})
+    dispatcher = dict(router.pop("dispatcher", None) or {})
+    if config.get("classifier", "token") not in ("token", "gap"):
+        _unsupported(f"classifier {config['classifier']!r}")
+    if encoder.get("attention_qk_norm"):
+        _unsupported("attention_qk_norm=True")
+    position_emb = (encoder.get("position_emb") or {}).get("name", "learned")
+    if position_emb != "learned":
+        _unsupported(f"position embedding {position_emb!r}")
+    router_name = router.pop("name", "NoisyTopExpertsPerItemRouter")
+    if "TopExpertsPerItem" not in router_name:
+        _unsupported(f"router {router_name!r}")
+    if dispatcher.get("name", "einsum") not in ("einsum", "indices"):
+        _unsupported(f"dispatcher {dispatcher.get('name')!r}")
+    if dispatcher.get("capacity") is not None:
+        _unsupported("a fixed dispatcher capacity (use capacity_factor)")
+    for key in ("capacity_ceil_or_round", "capacity_multiple_of"):
+        default = "ceil" if key.endswith("round") else 4
+        if dispatcher.get(key, default) != default:
+            _unsupported(f"dispatcher {key}={dispatcher[key]!r}")
+    if config.get("num_classes") in (None, 0):
+        _unsupported("num_classes=None (no classification head)")
+    image_size = image_size or config.get("image_size")
+    layers = list(moe.get("layers", ()))
+    ensemble_size = moe.get("ensemble_size") or (
+        config.get("ensemble_size") if name.endswith("Ensemble") else 1) or 1
+    kwargs = dict(
+        image_size=image_size,
+        patch_size=tuple(config["patch_size"]),
+        hidden_dim=config["hidden_size"],
+        num_layers=encoder["num_layers"],
+        num_heads=encoder["num_heads"],
+        mlp_dim=encoder["mlp_dim"],
+        dropout_rate=encoder.get("dropout_rate", 0.0),
+        attention_dropout_rate=encoder.get("attention_dropout_rate", 0.0),
+        classifier=config.get("classifier", "token"),
+        representation_size=config.get("representation_size"),
+    )
+    if layers:
+        kwargs.update(
+            num_experts=moe["num_experts"],
+            moe_layers=layers,
+            group_size=moe["group_size"],
+            ensemble_size=ensemble_size,
+            num_selected_experts=router.get("num_selected_experts", 1),
+            router_noise_std=router.get("noise_std", 1.0),
+            importance_loss_weight=router.get("importance_loss_weight", 1.0),
+            load_loss_weight=router.get("load_loss_weight", 1.0),
+            gshard_loss_weight=router.get("gshard_loss_weight", 0.0),
+            capacity_factor=dispatcher.get("capacity_factor", 1.0),
+            batch_priority=dispatcher.get("batch_priority", False),
+            dispatch_dtype="bfloat16" if dispatcher.get("bfloat16") else None,
+            moe_dropout_rate=moe.get("dropout_rate",
+                                     encoder.get("dropout_rate", 0.0)),
+        )
+    head_kwargs = dict(head_bias_init=config.get("head_bias_init", 0.0))
+    if not config.get("head_kernel_zero_init", True):
+        head_kwargs["head_kernel_initializer"] = "lecun_normal"
+    return kwargs, config["num_classes"], head_kwargs
+
+
+def infer_image_size(params, patch_size, classifier):
+    """Image side from the position embedding, for square images."""
+    pos = params.get("Encoder/posembed_input/pos_embedding")
+    if pos is None:
+        raise VmoeConversionError(
+            "The config has no image_size and the parameters have no "
+            "Encoder/posembed_input/pos_embedding to infer it from.")
+    grid_tokens = pos.shape[1] - (classifier == "token")
+    side = math.isqrt(grid_tokens)
+    if side * side != grid_tokens:
+        raise VmoeConversionError(
+            f"Cannot infer a square image size from {grid_tokens} patches; "
+            "pass image_size.")
+    return (side * patch_size[0], side * patch_size[1])
+
+
+def vmoe_variable_map(model):
+    """{official Flax parameter name: keras Variable} for an E3ViT."""
+    backbone = model.backbone
+    emb = backbone.embedding
+    out = {
+        "embedding/kernel": emb.conv.kernel,
+        "embedding/bias": emb.conv.bias,
+        "Encoder/posembed_input/pos_embedding": emb.position_embedding,
+        "head/kernel": model.head.kernel,
+        "head/bias": model.head.bias,
+    }
+    if emb.use_class_token:
+        out["cls"] = emb.class_token
+    norm = backbone.get_layer("encoder_norm")
+    out["Encoder/encoder_norm/scale"] = norm.gamma
+    out["Encoder/encoder_norm/bias"] = norm.beta
+    if backbone.representation_size:
+        pre = backbone.get_layer("pre_logits")
+        out["pre_logits/kernel"] = pre.kernel
+        out["pre_logits/bias"] = pre.bias
+    for i, block in enumerate(backbone.encoder_blocks):
+        p = f"Encoder/encoderblock_{i}/"
+        for j, ln in enumerate((block.norm_0, block.norm_1)):
+            out[f"{p}LayerNorm_{j}/scale"] = ln.gamma
+            out[f"{p}LayerNorm_{j}/bias"] = ln.beta
+        att = block.attention
+        for name, dense in (("query", att._query_dense),
+                            ("key", att._key_dense),
+                            ("value", att._value_dense),
+                            ("out", att._output_dense)):
+            out[f"{p}SelfAttention/{name}/kernel"] = dense.kernel
+            out[f"{p}SelfAttention/{name}/bias"] = dense.bias
+        if block.is_moe:
+            experts = block.mlp.experts
+            out[f"{p}Moe/Router/dense/kernel"] = block.mlp.router.kernel
+            out[f"{p}Moe/Mlp/Dense_0/kernel"] = experts.kernel_0
+            out[f"{p}Moe/Mlp/Dense_0/bias"] = experts.bias_0
+            out[f"{p}Moe/Mlp/Dense_1/kernel"] = experts.kernel_1
+            out[f"{p}Moe/Mlp/Dense_1/bias"] = experts.bias_1
+        else:
+            out[f"{p}Mlp/Dense_0/kernel"] = block.mlp.dense_0.kernel
+            out[f"{p}Mlp/Dense_0/bias"] = block.mlp.dense_0.bias
+            out[f"{p}Mlp/Dense_1/kernel"] = block.mlp.dense_1.kernel
+            out[f"{p}Mlp/Dense_1/bias"] = block.mlp.dense_1.bias
+    return out
+
+
+def load_vmoe_params(model, params):
+    """Assigns official parameters to `model`; all-or-nothing."""
+    params = read_params(params)
+    variables = vmoe_variable_map(model)
+    missing = sorted(set(variables) - set(params))
+    unexpected = sorted(set(params) - set(variables))
+    wrong = [f"{k}: got {tuple(params[k].shape)}, expected "
+             f"{tuple(variables[k].shape)}"
+             for k in sorted(set(variables) & set(params))
+             if tuple(params[k].shape) != tuple(variables[k].shape)]
+    problems = []
+    if missing:
+        problems.append("missing parameters: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected parameters: " + ", ".join(unexpected))
+    if wrong:
+        problems.append("wrongly shaped parameters: " + "; ".join(wrong))
+    if problems:
+        raise VmoeConversionError(
+            "The parameters do not match the model:\n  - "
+            + "\n  - ".join(problems))
+    for name, variable in variables.items():
+        variable.assign(np.asarray(params[name], dtype=variable.dtype))
+    return model
+
+
+def model_from_vmoe(config, params, task_cls, image_size=None):
+    """Builds `task_cls` (E3ViT) for a vmoe config and loads `params`."""
+    params = read_params(params)
+    kwargs, num_classes, head_kwargs = backbone_kwargs_from_vmoe(
+        config, image_size)
+    if kwargs["image_size"] is None:
+        kwargs["image_size"] = infer_image_size(
+            params, kwargs["patch_size"], kwargs["classifier"])
+    backbone = task_cls.backbone_cls(**kwargs)
+    model = task_cls(backbone, num_classes, **head_kwargs)
+    return load_vmoe_params(model, params)

@@ -1,0 +1,152 @@
+"""Token dispatch for sparse MoE layers: top-K experts per token with capacity.
+
+Notation (as in vmoe): G groups, S tokens per group, E experts, K selected
+experts per token, C capacity (buffer slots per expert and group).
+
+`top_experts_per_item` computes where each (token, choice) lands in its
+expert's buffer, following vmoe's algorithm exactly: all top-1 choices are
+served before any top-2 choice; within a rank, earlier tokens win, or, with
+batch-prioritized routing (BPR), tokens with a larger top gate win. Choices
+that land beyond the capacity are dropped.
+
+`EinsumDispatcher` is the readable reference implementation: dense
+dispatch/combine tensors [G, S, E, C] applied with einsums.
+`make_dispatcher` is the one place that picks an implementation; faster
+paths plug in there behind the same `dispatch` / `combine` interface.
+"""
+
+import math
+
+from keras import ops
+
+DISPATCHERS = ("einsum",)
+
+
+def compute_capacity(group_size, num_experts, num_selected_experts,
+                     capacity_factor, multiple_of=4):
+    """Slots per expert and group, rounded as vmoe's `compute_capacity`.
+
+    capacity = ceil(group_size * K * capacity_factor / E), then rounded up to
+    a multiple of `multiple_of` (4 in vmoe).
+    """
+    num_tokens = group_size * num_selected_experts
+    capacity = int(math.ceil(num_tokens * capacity_factor / num_experts))
+    if capacity < 1:
+        raise ValueError(
+            f"group_size={group_size}, num_experts={num_experts}, "
+            f"num_selected_experts={num_selected_experts} and "
+            f"capacity_factor={capacity_factor} give capacity={capacity}; "
+            "it must be >= 1.")
+    if multiple_of and multiple_of > 0:
+        capacity += (-capacity) % multiple_of
+    return capacity
+
+
+def top_experts_per_item(gates, num_selected_experts, batch_priority=False,
+                         valid=None):
+    """Buffer position of every (token, selected expert) pair.
+
+    Args:
+        gates: [G, S, E] routing weights (softmax of the router logits).
+        num_selected_experts: K.
+        batch_priority: use batch-prioritized routing.
+        valid: optional [G, S] boolean mask; invalid (padding) tokens are
+            never dispatched and take no capacity.
+
+    Returns:
+        (expert_index [G, S, K], buffer_index [G, S, K]): the chosen experts
+        and each choice's 0-based position in that expert's buffer
+        (-1 for padding tokens). A position >= capacity means dropped.
+    """
+    num_experts = gates.shape[-1]
+    top_gates, expert_index = ops.top_k(gates, num_selected_experts)
+    if batch_priority:
+        # Serve tokens by decreasing top-1 gate; the sort is stable, so ties
+        # keep token order, as with jnp.argsort in vmoe.
+        perm = ops.argsort(-top_gates[..., 0], axis=-1)
+        expert_index = ops.take_along_axis(expert_index, perm[..., None],
+                                           axis=1)
+        if valid is not None:
+            valid = ops.take_along_axis(valid, perm, axis=1)
+    one_hot = ops.one_hot(expert_index, num_experts, dtype="int32")
+    if valid is not None:
+        one_hot = one_hot * ops.cast(valid, "int32")[:, :, None, None]
+    # [G, S, K, E] -> [G, K, S, E] -> [G, K*S, E]: rank-major order, so every
+    # top-1 choice precedes every top-2 choice in the running count.
+    one_hot = ops.transpose(one_hot, (0, 2, 1, 3))
+    group_size = ops.shape(one_hot)[2]
+    flat = ops.reshape(one_hot, (-1, num_selected_experts * group_size,
+                                 num_experts))
+    position = ops.cumsum(flat, axis=1) * flat
+    position = ops.reshape(position, (-1, num_selected_experts, group_size,
+                                      num_experts))
+    # [G, K, S, E] -> [G, S, K]: one non-zero entry per (token, choice).
+    buffer_index = ops.sum(ops.transpose(position, (0, 2, 1, 3)), axis=-1) - 1
+    if batch_priority:
+        inv_perm = ops.argsort(perm, axis=-1)
+        expert_index = ops.take_along_axis(expert_index, inv_perm[..., None],
+                                           axis=1)
+        buffer_index = ops.take_along_axis(buffer_index, inv_perm[..., None],
+                                           axis=1)
+    return expert_index, buffer_index
+
+
+class EinsumDispatcher:
+    """Reference dispatcher with dense [G, S, E, C] tensors.
+
+    `dispatch` maps tokens [G, S, ...] to expert buffers [E, G*C, ...];
+    `combine` maps expert outputs [E, G*C, ...] back to [G, S, ...], each
+    token's outputs weighted by its (raw softmax) gates.
+    With `dtype="bfloat16"` both data movements run in bfloat16, like
+    vmoe's Bfloat16Dispatcher (the combine weights stay in their dtype).
+    """
+
+    def __init__(self, combine_weights, dispatch_mask, dtype=None):
+        self.combine_weights = combine_weights  # [G, S, E, C]
+        self.dispatch_mask = dispatch_mask  # [G, S, E, C] bool
+        self.dtype = dtype
+
+    @property
+    def capacity(self):
+        return self.combine_weights.shape[-1]
+
+    def _lowered(self, x):
+        return x if self.dtype is None else ops.cast(x, self.dtype)
+
+    def dispatch(self, x):
+        dtype = x.dtype
+        x = self._lowered(x)
+        mask = ops.cast(self.dispatch_mask, x.dtype)
+        y = ops.einsum("gsec,gsh->egch", mask, x)
+        num_experts, capacity = y.shape[0], y.shape[2]
+        y = ops.reshape(y, (num_experts, -1, y.shape[-1]))
+        return ops.cast(y, dtype)
+
+    def combine(self, y):
+        dtype = y.dtype
+        y = self._lowered(y)
+        num_experts = y.shape[0]
+        y = ops.reshape(y, (num_experts, -1, self.capacity, y.shape[-1]))
+        y = ops.cast(y, self.combine_weights.dtype)
+        out = ops.einsum("gsec,egch->gsh", self.combine_weights, y)
+        return ops.cast(out, dtype)
+
+
+def make_dispatcher(gates, num_selected_experts, capacity,
+                    batch_priority=False, valid=None, implementation="einsum",
+                    dtype=None):
+    """Routes `gates` [G, S, E] and returns a dispatcher for the experts."""
+    if implementation not in DISPATCHERS:
+        raise ValueError(f"Unknown dispatcher {implementation!r}; expected "
+                         f"one of {DISPATCHERS}.")
+    expert_index, buffer_index = top_experts_per_item(
+        gates, num_selected_experts, batch_priority, valid)
+    num_experts = gates.shape[-1]
+    # [G, S, K] -> [G, S, E]: the buffer slot of each token at each expert
+    # (-1 where the expert was not selected).
+    chosen = ops.one_hot(expert_index, num_experts, dtype="int32")
+    slot = ops.sum(chosen * (buffer_index[..., None] + 1), axis=2) - 1
+    dispatch_mask = ops.equal(slot[..., None],
+                              ops.arange(capacity, dtype="int32"))
+    combine_weights = gates[..., None] * ops.cast(dispatch_mask, gates.dtype)
+    return EinsumDispatcher(combine_weights, dispatch_mask, dtype=dtype)

@@ -1,0 +1,126 @@
+"""Patch embedding, class token and learned (resizable) position embedding."""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def as_pair(value, name):
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them; "
+                         f"got {value!r}.")
+    return pair
+
+
+def resample_position_embedding(pos_embedding, old_grid, new_grid,
+                                num_prefix_tokens=1, method="bilinear"):
+    """Resizes a [1, prefix + h*w, H] position embedding to a new patch grid.
+
+    The prefix (class token) embeddings are kept; the grid part is resized
+    with `keras.ops.image.resize` (`method` "bilinear" like vmoe's
+    `vit_zoom`, or "bicubic" like timm). Returns a numpy array.
+    """
+    pos_embedding = np.asarray(pos_embedding)
+    (oh, ow), (nh, nw) = tuple(old_grid), tuple(new_grid)
+    prefix = pos_embedding[:, :num_prefix_tokens]
+    grid = pos_embedding[:, num_prefix_tokens:]
+    if grid.shape[1] != oh * ow:
+        raise ValueError(f"Position embedding has {grid.shape[1]} grid "
+                         f"tokens; expected {oh}x{ow}.")
+    if (oh, ow) == (nh, nw):
+        return pos_embedding
+    grid = grid.reshape(1, oh, ow, -1)
+    grid = ops.image.resize(grid, (nh, nw), interpolation=method,
+                            antialias=False, data_format="channels_last")
+    grid = ops.convert_to_numpy(grid).reshape(1, nh * nw, -1)
+    return np.concatenate([prefix, grid.astype(pos_embedding.dtype)], axis=1)
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class PatchAndPositionEmbedding(keras.layers.Layer):
+    """Images [B, H, W, C] -> tokens [B, T, D].
+
+    A conv with kernel = stride = patch size (kernel [p, p, C, D], HWIO as in
+    vmoe), row-major flattening of the patch grid, an optional class token
+    prepended, then the learned position embedding [1, T, D] added.
+    """
+
+    def __init__(self, image_size, patch_size, hidden_dim, num_channels=3,
+                 use_class_token=True, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size = as_pair(image_size, "image_size")
+        self.patch_size = as_pair(patch_size, "patch_size")
+        for side, (i, p) in zip(("height", "width"),
+                                zip(self.image_size, self.patch_size)):
+            if i % p:
+                raise ValueError(
+                    f"Image {side} {i} is not divisible by the patch size "
+                    f"{p} (image_size={image_size}, patch_size={patch_size}).")
+        self.grid_size = tuple(i // p for i, p in
+                               zip(self.image_size, self.patch_size))
+        self.hidden_dim = hidden_dim
+        self.num_channels = num_channels
+        self.use_class_token = use_class_token
+        self.num_prefix_tokens = int(use_class_token)
+        self.num_tokens = (self.grid_size[0] * self.grid_size[1]
+                           + self.num_prefix_tokens)
+        self.conv = keras.layers.Conv2D(
+            hidden_dim, self.patch_size, strides=self.patch_size,
+            padding="valid", data_format="channels_last",
+            kernel_initializer="lecun_normal", dtype=self.dtype_policy,
+            name="patch_conv")
+
+    def build(self, input_shape=None):
+        self.conv.build((None, *self.image_size, self.num_channels))
+        if self.use_class_token:
+            self.class_token = self.add_weight(
+                name="class_token", shape=(1, 1, self.hidden_dim),
+                initializer="zeros")
+        self.position_embedding = self.add_weight(
+            name="position_embedding",
+            shape=(1, self.num_tokens, self.hidden_dim),
+            initializer=keras.initializers.RandomNormal(stddev=0.02))
+
+    def check_images(self, shape):
+        if len(shape) != 4:
+            raise ValueError(
+                f"Expected images of shape [batch, height, width, channels]; "
+                f"got rank {len(shape)} with shape {tuple(shape)}.")
+        height, width, channels = shape[1:]
+        if channels is not None and channels != self.num_channels:
+            raise ValueError(f"Expected images with {self.num_channels} "
+                             f"channels (channels last); got shape "
+                             f"{tuple(shape)}.")
+        for got, want, side in ((height, self.image_size[0], "height"),
+                                (width, self.image_size[1], "width")):
+            if got is not None and got != want:
+                raise ValueError(
+                    f"Expected images of {self.image_size[0]}x"
+                    f"{self.image_size[1]} pixels; got {side} {got} "
+                    f"(shape {tuple(shape)}). Resize the images, or build "
+                    f"the model with image_size={tuple(shape[1:3])}.")
+
+    def call(self, images, return_patches=False):
+        self.check_images(images.shape)
+        patches = self.conv(images)
+        x = ops.reshape(patches, (-1, self.num_tokens - self.num_prefix_tokens,
+                                  self.hidden_dim))
+        if self.use_class_token:
+            cls = ops.broadcast_to(ops.cast(self.class_token, x.dtype),
+                                   (ops.shape(x)[0], 1, self.hidden_dim))
+            x = ops.concatenate([cls, x], axis=1)
+        x = x + ops.cast(self.position_embedding, x.dtype)
+        return (x, patches) if return_patches else x
+
+    def compute_output_shape(self, input_shape):
+        self.check_images(input_shape)
+        return (input_shape[0], self.num_tokens, self.hidden_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(image_size=self.image_size, patch_size=self.patch_size,
+                      hidden_dim=self.hidden_dim,
+                      num_channels=self.num_channels,
+                      use_class_token=self.use_class_token)
+        return config

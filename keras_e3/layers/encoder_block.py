@@ -1,0 +1,82 @@
+"""Pre-LayerNorm transformer encoder block with a dense or MoE MLP."""
+
+import keras
+
+from keras_e3.layers.mlp import Mlp
+from keras_e3.layers.moe import MoeMlp
+
+LAYER_NORM_EPSILON = 1e-6  # Flax's LayerNorm default.
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class EncoderBlock(keras.layers.Layer):
+    """x = x + Dropout(Attn(LN(x))); x = x + MLP(LN(x)).
+
+    `moe` is None for a dense MLP, or a dict of `MoeMlp` arguments (without
+    `mlp_dim`) to make this block's MLP a sparse mixture of experts.
+    Attention kernels are [H, heads, H/heads] / [heads, H/heads, H], as
+    Flax's DenseGeneral in vmoe.
+    """
+
+    def __init__(self, num_heads, mlp_dim, dropout_rate=0.0,
+                 attention_dropout_rate=0.0, moe=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.dropout_rate = dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.moe = dict(moe) if moe else None
+        self.norm_0 = keras.layers.LayerNormalization(
+            epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm_0")
+        self.norm_1 = keras.layers.LayerNormalization(
+            epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm_1")
+        self.dropout = keras.layers.Dropout(dropout_rate,
+                                            dtype=self.dtype_policy)
+        self.attention = None
+        if self.moe:
+            self.mlp = MoeMlp(mlp_dim=mlp_dim, dtype=self.dtype_policy,
+                              name="moe", **self.moe)
+        else:
+            self.mlp = Mlp(mlp_dim, dropout_rate, dtype=self.dtype_policy,
+                           name="mlp")
+
+    @property
+    def is_moe(self):
+        return self.moe is not None
+
+    def build(self, input_shape):
+        hidden = input_shape[-1]
+        if hidden % self.num_heads:
+            raise ValueError(f"hidden_dim={hidden} is not divisible by "
+                             f"num_heads={self.num_heads}.")
+        self.attention = keras.layers.MultiHeadAttention(
+            self.num_heads, hidden // self.num_heads,
+            dropout=self.attention_dropout_rate,
+            kernel_initializer="glorot_uniform", dtype=self.dtype_policy,
+            name="attention")
+        self.norm_0.build(input_shape)
+        self.norm_1.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.mlp.build(input_shape)
+
+    def call(self, x, training=None, return_routing=False):
+        y = self.norm_0(x)
+        y = self.attention(y, y, training=training)
+        x = x + self.dropout(y, training=training)
+        y = self.norm_1(x)
+        if return_routing and self.is_moe:
+            y, routing = self.mlp(y, training=training, return_routing=True)
+            return x + y, routing
+        y = self.mlp(y, training=training)
+        return (x + y, None) if return_routing else x + y
+
+    def compute_output_spec(self, x, training=None, return_routing=False):
+        return keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                      dropout_rate=self.dropout_rate,
+                      attention_dropout_rate=self.attention_dropout_rate,
+                      moe=self.moe)
+        return config

@@ -1,0 +1,91 @@
+"""The transformer MLP: a dense one, and E stacked experts for MoE layers."""
+
+import math
+
+import keras
+from keras import ops
+
+# vit_jax's MlpBlock initialisers.
+KERNEL_INIT = "glorot_uniform"
+BIAS_INIT = {"class_name": "RandomNormal", "config": {"stddev": 1e-6}}
+
+
+def gelu(x):
+    # Flax's nn.gelu default: the tanh approximation.
+    return keras.activations.gelu(x, approximate=True)
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class Mlp(keras.layers.Layer):
+    """Dense -> GELU -> Dropout -> Dense -> Dropout (vit_jax's MlpBlock)."""
+
+    def __init__(self, mlp_dim, dropout_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp_dim = mlp_dim
+        self.dropout_rate = dropout_rate
+        self.dense_0 = keras.layers.Dense(
+            mlp_dim, kernel_initializer=KERNEL_INIT, bias_initializer=BIAS_INIT,
+            dtype=self.dtype_policy, name="dense_0")
+        self.dense_1 = None
+        self.dropout = keras.layers.Dropout(dropout_rate,
+                                            dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.dense_1 = keras.layers.Dense(
+            input_shape[-1], kernel_initializer=KERNEL_INIT,
+            bias_initializer=BIAS_INIT, dtype=self.dtype_policy,
+            name="dense_1")
+        self.dense_0.build(input_shape)
+        self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+
+    def call(self, x, training=None):
+        x = self.dropout(gelu(self.dense_0(x)), training=training)
+        return self.dropout(self.dense_1(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class ExpertsMlp(keras.layers.Layer):
+    """E independent MLPs with stacked kernels [E, H, mlp] and [E, mlp, H].
+
+    `call(x)` maps expert buffers [E, N, H] to [E, N, H]; each expert is
+    initialised like a separate vit_jax MlpBlock.
+    """
+
+    def __init__(self, num_experts, mlp_dim, dropout_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.mlp_dim = mlp_dim
+        self.dropout_rate = dropout_rate
+        self.dropout = keras.layers.Dropout(dropout_rate,
+                                            dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        hidden, e, mlp = input_shape[-1], self.num_experts, self.mlp_dim
+        limit = math.sqrt(6.0 / (hidden + mlp))  # Glorot per expert.
+        uniform = keras.initializers.RandomUniform(-limit, limit)
+        self.kernel_0 = self.add_weight(name="kernel_0", shape=(e, hidden, mlp),
+                                        initializer=uniform)
+        self.bias_0 = self.add_weight(name="bias_0", shape=(e, mlp),
+                                      initializer=BIAS_INIT)
+        self.kernel_1 = self.add_weight(name="kernel_1", shape=(e, mlp, hidden),
+                                        initializer=uniform)
+        self.bias_1 = self.add_weight(name="bias_1", shape=(e, hidden),
+                                      initializer=BIAS_INIT)
+
+    def call(self, x, training=None):
+        h = ops.einsum("enh,ehf->enf", x, self.kernel_0)
+        h = gelu(h + self.bias_0[:, None, :])
+        h = self.dropout(h, training=training)
+        y = ops.einsum("enf,efh->enh", h, self.kernel_1)
+        return self.dropout(y + self.bias_1[:, None, :], training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_experts=self.num_experts, mlp_dim=self.mlp_dim,
+                      dropout_rate=self.dropout_rate)
+        return config

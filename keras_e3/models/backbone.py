@@ -1,0 +1,260 @@
+"""E3ViTBackbone: a dense ViT, a V-MoE or an E³, depending on its config."""
+
+import keras
+from keras import ops
+
+from keras_e3.layers.embedding import PatchAndPositionEmbedding
+from keras_e3.layers.encoder_block import LAYER_NORM_EPSILON
+from keras_e3.layers.encoder_block import EncoderBlock
+from keras_e3.layers.ensemble import EnsembleTile
+
+CLASSIFIERS = ("token", "gap")
+DEFAULT_GROUP_IMAGES = 8
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class E3ViTBackbone(keras.Model):
+    """Vision Transformer with optional sparse MoE MLPs and E³ ensembling.
+
+    - Dense ViT: `moe_layers=()` (or `num_experts=0`).
+    - V-MoE: `moe_layers` lists the 0-based blocks whose MLP is a mixture
+      of `num_experts` experts, each token routed to its top
+      `num_selected_experts` experts with `capacity_factor`.
+    - E³: additionally `ensemble_size` M > 1. The tokens are tiled M times
+      just before the first MoE block, and copy m is routed only among the
+      experts of partition m (experts m*E/M ... (m+1)*E/M - 1).
+
+    Args:
+        image_size, patch_size: int or (height, width).
+        num_channels: image channels (channels last).
+        hidden_dim, num_layers, num_heads, mlp_dim: transformer sizes.
+        dropout_rate, attention_dropout_rate: dropout rates.
+        classifier: "token" (class token) or "gap" (global average pool).
+        representation_size: if set, a Dense + tanh "pre-logits" layer of
+            this size on the pooled features (vmoe's `pre_logits`).
+        num_experts, moe_layers, num_selected_experts (K), ensemble_size (M),
+        capacity_factor, batch_priority (BPR): the MoE / E³ setup.
+        group_size: tokens per routing group, counting the M copies (vmoe's
+            `group_size`). Default: the tokens of 8 images.
+        router_noise_std: router noise in training (std noise_std / (E/M)).
+        importance_loss_weight, load_loss_weight, gshard_loss_weight:
+            weights of the auxiliary losses (added with `add_loss`).
+        moe_dropout_rate: dropout inside the experts.
+        dispatcher: dispatch implementation (see `keras_e3.layers.dispatch`).
+        dispatch_dtype: e.g. "bfloat16" to move tokens in bfloat16.
+        seed: seed of the router noise.
+
+    Outputs a dict: `sequence_output` [B*M, T, hidden_dim] (after the final
+    LayerNorm) and `pooled_output` [B*M, D] (pooled, then pre-logits), with
+    row b*M + m for member m of image b (M = 1 for ViT and V-MoE).
+    """
+
+    def __init__(self, image_size=224, patch_size=32, num_channels=3,
+                 hidden_dim=512, num_layers=8, num_heads=8, mlp_dim=2048,
+                 dropout_rate=0.0, attention_dropout_rate=0.0,
+                 classifier="token", representation_size=None,
+                 num_experts=0, moe_layers=(), num_selected_experts=1,
+                 ensemble_size=1, capacity_factor=1.0, group_size=None,
+                 batch_priority=False, router_noise_std=1.0,
+                 importance_loss_weight=0.005, load_loss_weight=0.005,
+                 gshard_loss_weight=0.0, moe_dropout_rate=0.0,
+                 dispatcher="einsum", dispatch_dtype=None, seed=None,
+                 dtype=None, **kwargs):
+        moe_layers = sorted(int(i) for i in (moe_layers or ()))
+        _validate(num_layers, classifier, num_experts, moe_layers,
+                  num_selected_experts, ensemble_size)
+        # === Layers ===
+        embedding = PatchAndPositionEmbedding(
+            image_size, patch_size, hidden_dim, num_channels,
+            use_class_token=classifier == "token", dtype=dtype,
+            name="embedding")
+        tokens = embedding.num_tokens
+        resolved_group_size = group_size or (
+            DEFAULT_GROUP_IMAGES * tokens * ensemble_size)
+        moe = dict(
+            num_experts=num_experts, group_size=resolved_group_size,
+            num_selected_experts=num_selected_experts,
+            capacity_factor=capacity_factor, batch_priority=batch_priority,
+            ensemble_size=ensemble_size, noise_std=router_noise_std,
+            importance_loss_weight=importance_loss_weight,
+            load_loss_weight=load_loss_weight,
+            gshard_loss_weight=gshard_loss_weight,
+            dropout_rate=moe_dropout_rate, dispatcher=dispatcher,
+            dispatch_dtype=dispatch_dtype)
+        blocks = []
+        for i in range(num_layers):
+            block_moe = None
+            if i in moe_layers:
+                block_moe = dict(moe, seed=None if seed is None else seed + i)
+            blocks.append(EncoderBlock(
+                num_heads, mlp_dim, dropout_rate, attention_dropout_rate,
+                moe=block_moe, dtype=dtype, name=f"encoderblock_{i}"))
+        layers = dict(
+            embedding=embedding,
+            dropout=keras.layers.Dropout(dropout_rate, dtype=dtype,
+                                         name="embedding_dropout"),
+            tile=(EnsembleTile(ensemble_size, dtype=dtype, name="ensemble_tile")
+                  if ensemble_size > 1 else None),
+            first_moe=moe_layers[0] if moe_layers else None,
+            blocks=blocks,
+            norm=keras.layers.LayerNormalization(
+                epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="encoder_norm"),
+            pre_logits=(keras.layers.Dense(representation_size, dtype=dtype,
+                                           name="pre_logits")
+                        if representation_size else None),
+            classifier=classifier,
+        )
+        # === Functional model ===
+        image_hw = embedding.image_size
+        inputs = keras.Input((*image_hw, num_channels), name="images")
+        outputs = _forward(layers, inputs)
+        super().__init__(inputs=inputs, outputs=outputs, dtype=dtype,
+                         **kwargs)
+        self._layers_by_role = layers
+        self.embedding = embedding
+        self.encoder_blocks = blocks
+        # === Config ===
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.dropout_rate = dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.classifier = classifier
+        self.representation_size = representation_size
+        self.num_experts = num_experts
+        self.moe_layers = moe_layers
+        self.num_selected_experts = num_selected_experts
+        self.ensemble_size = ensemble_size
+        self.capacity_factor = capacity_factor
+        self.group_size = group_size
+        self.batch_priority = batch_priority
+        self.router_noise_std = router_noise_std
+        self.importance_loss_weight = importance_loss_weight
+        self.load_loss_weight = load_loss_weight
+        self.gshard_loss_weight = gshard_loss_weight
+        self.moe_dropout_rate = moe_dropout_rate
+        self.dispatcher = dispatcher
+        self.dispatch_dtype = dispatch_dtype
+        self.seed = seed
+
+    @property
+    def moe_blocks(self):
+        return [b for b in self.encoder_blocks if b.is_moe]
+
+    def compute_intermediates(self, images, training=False):
+        """Runs the model eagerly and returns every intermediate output.
+
+        Returns a dict with `patches` (conv output [B, h, w, D]),
+        `embeddings` (tokens after class token + position embedding),
+        `encoderblock_{i}` (each block's output), `routing/encoderblock_{i}`
+        (for MoE blocks: gates [G, S, E], combine_weights and dispatch_mask
+        [G, S, E, C], expert_outputs [E, G*C, D], and the auxiliary losses
+        [G, M]), `encoder_norm`, `sequence_output` and `pooled_output`.
+        """
+        collected = {}
+        outputs = _forward(self._layers_by_role,
+                           ops.convert_to_tensor(images), training=training,
+                           collect=collected)
+        collected.update(outputs)
+        return collected
+
+    def get_config(self):
+        config = {"name": self.name, "trainable": self.trainable}
+        config.update(
+            image_size=self.image_size, patch_size=self.patch_size,
+            num_channels=self.num_channels, hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers, num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            classifier=self.classifier,
+            representation_size=self.representation_size,
+            num_experts=self.num_experts, moe_layers=list(self.moe_layers),
+            num_selected_experts=self.num_selected_experts,
+            ensemble_size=self.ensemble_size,
+            capacity_factor=self.capacity_factor, group_size=self.group_size,
+            batch_priority=self.batch_priority,
+            router_noise_std=self.router_noise_std,
+            importance_loss_weight=self.importance_loss_weight,
+            load_loss_weight=self.load_loss_weight,
+            gshard_loss_weight=self.gshard_loss_weight,
+            moe_dropout_rate=self.moe_dropout_rate,
+            dispatcher=self.dispatcher, dispatch_dtype=self.dispatch_dtype,
+            seed=self.seed,
+            dtype=keras.dtype_policies.serialize(self.dtype_policy),
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+        return cls(**config)
+
+
+def _forward(layers, images, training=None, collect=None):
+    """The backbone's computation, shared by the functional graph and
+    `compute_intermediates` (which passes a `collect` dict)."""
+    record = collect if collect is not None else {}
+    if collect is not None:
+        x, record["patches"] = layers["embedding"](images, return_patches=True)
+    else:
+        x = layers["embedding"](images)
+    record["embeddings"] = x
+    x = layers["dropout"](x, training=training)
+    for i, block in enumerate(layers["blocks"]):
+        if i == layers["first_moe"] and layers["tile"] is not None:
+            x = layers["tile"](x)
+        if collect is not None:
+            x, routing = block(x, training=training, return_routing=True)
+            if routing is not None:
+                record[f"routing/{block.name}"] = routing
+        else:
+            x = block(x, training=training)
+        record[block.name] = x
+    sequence = layers["norm"](x)
+    record["encoder_norm"] = sequence
+    if layers["classifier"] == "token":
+        pooled = sequence[:, 0]
+    else:
+        pooled = ops.mean(sequence, axis=1)
+    if layers["pre_logits"] is not None:
+        pooled = layers["pre_logits"](pooled)
+        record["pre_logits"] = pooled  # before the tanh, as in vmoe
+        pooled = ops.tanh(pooled)
+    return {"sequence_output": sequence, "pooled_output": pooled}
+
+
+def _validate(num_layers, classifier, num_experts, moe_layers,
+              num_selected_experts, ensemble_size):
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}; "
+                         f"got {classifier!r}.")
+    bad = [i for i in moe_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"moe_layers {bad} out of range: blocks are numbered "
+                         f"0 to {num_layers - 1} (num_layers={num_layers}).")
+    if ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be >= 1; got {ensemble_size}.")
+    if not moe_layers:
+        if ensemble_size > 1:
+            raise ValueError("ensemble_size > 1 (E³) needs MoE layers: set "
+                             "moe_layers and num_experts.")
+        return
+    if num_experts < 1:
+        raise ValueError(f"moe_layers={moe_layers} needs num_experts >= 1; "
+                         f"got {num_experts}.")
+    if num_experts % ensemble_size:
+        raise ValueError(f"ensemble_size={ensemble_size} must divide "
+                         f"num_experts={num_experts}: E³ partitions the "
+                         f"experts into ensemble_size equal groups.")
+    per_member = num_experts // ensemble_size
+    if not 1 <= num_selected_experts <= per_member:
+        raise ValueError(
+            f"num_selected_experts (K) = {num_selected_experts} must be "
+            f"between 1 and the experts per ensemble member "
+            f"({num_experts} / {ensemble_size} = {per_member}).")

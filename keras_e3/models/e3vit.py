@@ -1,0 +1,128 @@
+"""E3ViT: image classifier on an E3ViTBackbone (ViT, V-MoE or E³)."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_e3.layers.ensemble import EnsembleSplit
+from keras_e3.layers.ensemble import ensemble_log_probs
+from keras_e3.losses import EnsembleSoftmaxCrossEntropy
+from keras_e3.models.backbone import E3ViTBackbone
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class E3ViT(keras.Model):
+    """Image classifier: backbone -> linear head, one prediction per member.
+
+    Output: logits [B, C] for a dense ViT or V-MoE (`ensemble_size` 1), and
+    member logits [B, M, C] for E³. `to_official_order` turns [B, M, C] into
+    vmoe's [B*M, C] (row b*M + m); `predict_ensemble` (or
+    `keras_e3.ensemble_log_probs`) gives the ensemble's log-probabilities
+    log(mean_m softmax(logits_m)) [B, C].
+
+    `compile()` defaults to the paper's objective: each member's softmax
+    cross-entropy on the shared label, averaged, plus the routers'
+    auxiliary losses (added by the MoE layers and reported as `aux_loss`).
+    """
+
+    backbone_cls = E3ViTBackbone
+
+    def __init__(self, backbone, num_classes, head_bias_init=0.0,
+                 head_kernel_initializer="zeros", dtype=None, **kwargs):
+        if not isinstance(backbone, E3ViTBackbone):
+            raise TypeError("backbone must be an E3ViTBackbone; got "
+                            f"{type(backbone).__name__}.")
+        head = keras.layers.Dense(
+            num_classes, kernel_initializer=head_kernel_initializer,
+            bias_initializer=keras.initializers.Constant(head_bias_init),
+            dtype=dtype or backbone.dtype_policy, name="head")
+        inputs = backbone.input
+        logits = head(backbone(inputs)["pooled_output"])
+        m = backbone.ensemble_size
+        if m > 1:
+            logits = EnsembleSplit(m, name="member_logits")(logits)
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.head_bias_init = head_bias_init
+        self.head_kernel_initializer = head_kernel_initializer
+        self.aux_loss_tracker = keras.metrics.Mean(name="aux_loss")
+
+    @property
+    def ensemble_size(self):
+        return self.backbone.ensemble_size
+
+    def compile(self, optimizer="adam", loss="auto", metrics=None, **kwargs):
+        if loss == "auto":
+            loss = EnsembleSoftmaxCrossEntropy()
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                        **kwargs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        total = super().compute_loss(x, y, y_pred, sample_weight,
+                                     training=training)
+        aux = self.losses
+        self.aux_loss_tracker.update_state(
+            ops.sum(ops.stack([ops.cast(a, "float32") for a in aux]))
+            if aux else 0.0)
+        return total
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self.compiled and self.aux_loss_tracker not in metrics:
+            metrics.append(self.aux_loss_tracker)
+        return metrics
+
+    def to_official_order(self, logits):
+        """[B, M, C] member logits -> vmoe's [B*M, C] (row b*M + m)."""
+        return ops.reshape(logits, (-1, logits.shape[-1]))
+
+    def predict_ensemble(self, images, batch_size=None, verbose=0):
+        """Ensemble log-probabilities log(mean_m softmax(logits_m)), [B, C]."""
+        logits = self.predict(images, batch_size=batch_size, verbose=verbose)
+        if self.ensemble_size == 1:
+            logits = logits[:, None, :]
+        return np.asarray(ops.convert_to_numpy(ensemble_log_probs(logits)))
+
+    def compute_intermediates(self, images, training=False):
+        """`E3ViTBackbone.compute_intermediates` plus the `logits`."""
+        out = self.backbone.compute_intermediates(images, training=training)
+        logits = self.head(out["pooled_output"])
+        if self.ensemble_size > 1:
+            logits = ops.reshape(logits, (-1, self.ensemble_size,
+                                          self.num_classes))
+        out["logits"] = logits
+        return out
+
+    @classmethod
+    def from_vmoe(cls, config, params):
+        """Builds the model of a vmoe config and loads official parameters.
+
+        `config` is a vmoe model config dict (the `model` kwargs, as in the
+        fixtures' config.json) or a path to such a JSON file; `params` maps
+        the official Flax parameter names ("Encoder/encoderblock_1/Moe/...")
+        to arrays, or is a path to an .npz of them.
+        """
+        from keras_e3.conversion.vmoe import model_from_vmoe
+
+        return model_from_vmoe(config, params, cls)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "num_classes": self.num_classes,
+            "head_bias_init": self.head_bias_init,
+            "head_kernel_initializer": self.head_kernel_initializer,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(
+            config["backbone"])
+        return cls(**config)
