@@ -322,8 +322,8 @@ def param_shapes(config, image_size, num_classes):
 def random_params(config, image_size, num_classes, seed=0):
     """Random float32 parameters with the official names and shapes.
 
-    Weights ~ N(0, 0.3) (fan-in scaled for the wide patch-embedding kernel),
-    LayerNorm scales ~ 1 + N(0, 0.1). Router kernels get N(0, 0.5) plus a
+    Weights ~ N(0, 0.3) (fan-in scaled for the wide patch-embedding kernel,
+    0.1 for the head), LayerNorm scales ~ 1 + N(0, 0.1). Router kernels get N(0, 0.5) plus a
     per-expert preference along the LayerNorm bias direction, so that the
     routing is unbalanced and small capacities drop tokens.
     """
@@ -337,6 +337,10 @@ def random_params(config, image_size, num_classes, seed=0):
             v = rng.standard_normal(shape) / np.sqrt(fan_in)
         elif name.endswith("Router/dense/kernel"):
             v = 0.5 * rng.standard_normal(shape)
+        elif name == "head/kernel":
+            # Logits of magnitude ~1, so that float32 round-off stays well
+            # below the tests' 1e-5 tolerance.
+            v = 0.1 * rng.standard_normal(shape)
         else:
             v = 0.3 * rng.standard_normal(shape)
         out[name] = v

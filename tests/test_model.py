@@ -1,0 +1,155 @@
+"""E3ViT / E3ViTBackbone behaviour: jit, fit, saving, remainder groups."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_e3
+from conftest import BACKEND
+from conftest import load_fixture
+from conftest import official_logits
+from conftest import tiny_backbone_kwargs
+from conftest import to_numpy
+
+
+def tiny_model(num_classes=5, **overrides):
+    backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs(**overrides))
+    return keras_e3.E3ViT(backbone, num_classes,
+                          head_kernel_initializer="glorot_uniform")
+
+
+@pytest.mark.parametrize("overrides,shape", [
+    ({"num_experts": 0, "moe_layers": (), "ensemble_size": 1}, (3, 5)),
+    ({"ensemble_size": 1, "num_selected_experts": 2}, (3, 5)),
+    ({}, (3, 2, 5)),
+    ({"classifier": "gap", "representation_size": None}, (3, 2, 5)),
+])
+def test_configs_build_and_output_shapes(rng, overrides, shape):
+    model = tiny_model(**overrides)
+    x = rng.normal(size=(3, 16, 16, 3)).astype("float32")
+    assert to_numpy(model(x)).shape == shape
+    features = model.backbone(x)
+    m = model.ensemble_size
+    assert to_numpy(features["pooled_output"]).shape[0] == 3 * m
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="XLA: JAX and TensorFlow")
+@pytest.mark.parametrize("name", ["vmoe_tiny_drop", "eee_tiny_drop"])
+def test_jit_compile_gives_same_outputs(name):
+    fx = load_fixture(name)
+    model = keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"])
+    eager = official_logits(model, fx["inputs"])
+    model.compile(jit_compile=True)
+    compiled = model.predict(fx["inputs"], batch_size=4, verbose=0)
+    compiled = compiled.reshape(-1, compiled.shape[-1])
+    np.testing.assert_allclose(compiled, eager, atol=1e-6)
+    np.testing.assert_allclose(compiled, fx["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vmoe_tiny_nodrop", "eee_tiny_nodrop"])
+def test_partial_groups_single_image_and_short_last_batch(name):
+    """Token counts that are not a multiple of group_size still work.
+
+    Without drops a token's route does not depend on its group, so one image
+    alone, or a last batch of 3 with batch_size=3 (group = 2 images), must
+    give the rows of the full-batch output.
+    """
+    fx = load_fixture(name)
+    model = keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"])
+    reference = to_numpy(model(fx["inputs"]))
+    for i in range(4):
+        single = to_numpy(model(fx["inputs"][i:i + 1]))
+        np.testing.assert_allclose(single[0], reference[i], atol=1e-5)
+    model.compile(jit_compile=BACKEND != "torch")
+    predicted = model.predict(fx["inputs"], batch_size=3, verbose=0)
+    np.testing.assert_allclose(predicted, reference, atol=1e-5)
+
+
+def test_partial_group_keeps_full_group_capacity(rng):
+    """The padded last group's real tokens share a full group's capacity."""
+    fx = load_fixture("eee_tiny_drop")
+    model = keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"])
+    one = model.compute_intermediates(fx["inputs"][:1])
+    routing = one["routing/encoderblock_1"]
+    mask = to_numpy(routing["dispatch_mask"])
+    valid = to_numpy(routing["valid"])
+    assert mask.shape == (1, 68, 4, 12) and valid.sum() == 34
+    assert not mask[0, ~valid[0]].any()  # padding is never dispatched
+    assert mask.sum() <= 4 * 12
+
+
+def test_fit_includes_aux_losses_and_reduces_loss(rng):
+    keras.utils.set_random_seed(0)
+    model = tiny_model()
+    x = rng.normal(size=(16, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 5, size=16)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = model.fit(x, y, batch_size=8, epochs=6, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    aux = history.history["aux_loss"]
+    assert all(a > 0 for a in aux)
+    # Evaluation: loss = members' mean cross-entropy + the aux losses.
+    results = model.evaluate(x, y, batch_size=16, verbose=0,
+                             return_dict=True)
+    logits = to_numpy(model(x))
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.mean(log_probs[np.arange(16), :, y])
+    assert results["aux_loss"] > 0
+    np.testing.assert_allclose(results["loss"], ce + results["aux_loss"],
+                               rtol=1e-4)
+
+
+def test_router_noise_only_in_training(rng):
+    model = tiny_model(capacity_factor=4.0, seed=0)
+    x = rng.normal(size=(2, 16, 16, 3)).astype("float32")
+    a, b = to_numpy(model(x, training=False)), to_numpy(model(x))
+    np.testing.assert_array_equal(a, b)
+    noisy = to_numpy(model(x, training=True))
+    assert np.abs(noisy - a).max() > 1e-6
+    quiet = tiny_model(capacity_factor=4.0, router_noise_std=0.0)
+    quiet.set_weights(model.get_weights())
+    np.testing.assert_allclose(to_numpy(quiet(x, training=True)), a,
+                               atol=1e-6)
+
+
+def test_keras_file_round_trip(tmp_path, rng):
+    model = tiny_model(batch_priority=True)
+    x = rng.normal(size=(3, 16, 16, 3)).astype("float32")
+    expected = to_numpy(model(x))
+    path = tmp_path / "e3.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, keras_e3.E3ViT)
+    np.testing.assert_array_equal(to_numpy(loaded(x)), expected)
+    assert loaded.get_config() == model.get_config()
+    assert loaded.backbone.get_config() == model.backbone.get_config()
+
+
+def test_get_config_round_trip():
+    backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs())
+    clone = keras_e3.E3ViTBackbone.from_config(backbone.get_config())
+    assert clone.get_config() == backbone.get_config()
+    assert clone.count_params() == backbone.count_params()
+
+
+def test_ensemble_log_probs_is_log_mean_softmax(rng):
+    logits = rng.normal(size=(4, 3, 7)).astype("float32") * 3
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    expected = np.log(probs.mean(axis=1))
+    np.testing.assert_allclose(to_numpy(keras_e3.ensemble_log_probs(logits)),
+                               expected, atol=1e-5)
+
+
+def test_loss_matches_official_train_step_main_loss():
+    for name in ("eee_tiny_nodrop", "vmoe_tiny_drop"):
+        fx = load_fixture(name)
+        model = keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"])
+        logits = model(fx["inputs"], training=False)
+        loss = keras_e3.EnsembleSoftmaxCrossEntropy()(
+            fx["train_step"]["labels"], logits)
+        np.testing.assert_allclose(to_numpy(loss),
+                                   fx["train_step"]["main_loss"], atol=1e-5)
+        aux = sum(float(to_numpy(v)) for v in model.losses)
+        np.testing.assert_allclose(aux, fx["train_step"]["auxiliary_loss"],
+                                   atol=1e-7)
