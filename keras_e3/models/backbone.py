@@ -111,6 +111,8 @@ class E3ViTBackbone(keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, dtype=dtype,
                          **kwargs)
         self._layers_by_role = layers
+        # The embedding layer checks images with clearer messages.
+        self.input_spec = None
         self.embedding = embedding
         self.encoder_blocks = blocks
         # === Config ===
@@ -140,6 +142,12 @@ class E3ViTBackbone(keras.Model):
         self.dispatcher = dispatcher
         self.dispatch_dtype = dispatch_dtype
         self.seed = seed
+
+    def call(self, inputs, training=None, mask=None):
+        # Before Keras' own input standardisation, whose rank errors print
+        # the whole tensor.
+        self.embedding.check_images(inputs.shape)
+        return super().call(inputs, training=training, mask=mask)
 
     @property
     def moe_blocks(self):

@@ -42,12 +42,17 @@ class E3ViT(keras.Model):
         if m > 1:
             logits = EnsembleSplit(m, name="member_logits")(logits)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.input_spec = None  # the backbone's embedding checks images
         self.backbone = backbone
         self.head = head
         self.num_classes = num_classes
         self.head_bias_init = head_bias_init
         self.head_kernel_initializer = head_kernel_initializer
         self.aux_loss_tracker = keras.metrics.Mean(name="aux_loss")
+
+    def call(self, inputs, training=None, mask=None):
+        self.backbone.embedding.check_images(inputs.shape)
+        return super().call(inputs, training=training, mask=mask)
 
     @property
     def ensemble_size(self):
