@@ -10,7 +10,6 @@ dropping, "gap" pooling without pre-logits, MoE in the first / every block,
 """
 
 import json
-import math
 from pathlib import Path
 
 import keras
@@ -123,7 +122,8 @@ def _config(*, experts=4, k=1, members=1, cf=1.0, bpr=False, layers=(1,),
     }
 
 
-# name -> (config, whether the reference must drop tokens)
+# name -> (config, whether the reference drops tokens with these params:
+# the random routers are unbalanced, so even cf=1.0 drops some).
 CONFIGS = {
     "vmoe_e8_k2_cf1": (_config(experts=8, k=2, cf=1.0), True),
     "vmoe_e8_k2_cf4_nodrop": (_config(experts=8, k=2, cf=4.0), False),
@@ -150,17 +150,17 @@ CONFIGS = {
                 representation_size=None, layers=(0,), num_layers=3), True),
     "e3_every_block": (
         _config(experts=4, members=2, k=1, cf=1.0, layers=(0, 1, 2),
-                num_layers=3, group_images=1), None),
+                num_layers=3, group_images=1), True),
     "vmoe_every_block_bpr": (
         _config(experts=4, k=2, cf=0.75, bpr=True, layers=(0, 1, 2),
                 num_layers=3, group_images=4), True),
     "vmoe_hidden24_3heads": (
         _config(experts=4, k=2, cf=1.0, hidden=24, heads=3, mlp=48,
                 representation_size=16, layers=(0, 2), num_layers=4,
-                bpr=True), None),
+                bpr=True), True),
     "e3_nonsquare_16x24": (
         _config(experts=4, members=2, k=2, cf=1.0, image_size=(16, 24),
-                group_images=2), None),
+                group_images=2), False),
     "vmoe_nonsquare_16x24_patch8x4": (
         _config(experts=4, k=1, cf=0.5, image_size=(16, 24), patch=(8, 4),
                 group_images=1, classifier="gap", num_classes=5), True),
@@ -198,14 +198,14 @@ def test_configs_are_not_fixture_configs():
 def test_reference_drops_tokens():
     """The small-capacity configs really exercise token dropping."""
     total = 0
-    for name, (config, must_drop) in CONFIGS.items():
+    for name in CONFIGS:
         config, params, images, must_drop = _case(name)
         _, info = reference_forward(config, params, images, return_info=True)
         dropped = sum(i["dropped"] for i in info)
         total += dropped
         if must_drop:
             assert dropped > 0, f"{name}: expected dropped tokens"
-        if must_drop is False:
+        else:
             assert dropped == 0, f"{name}: expected no dropped tokens"
     assert total > 0
 

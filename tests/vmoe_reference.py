@@ -38,7 +38,12 @@ def _moe_settings(config):
     router = moe.get("router") or {}
     disp = router.get("dispatcher") or {}
     ensemble = config.get("name") == "VisionTransformerMoeEnsemble"
-    m = int(moe.get("ensemble_size") or 1) if ensemble else 1
+    m = 1
+    if ensemble:
+        if not moe.get("ensemble_size"):
+            raise ValueError("VisionTransformerMoeEnsemble needs "
+                             "encoder.moe.ensemble_size >= 1")
+        m = int(moe["ensemble_size"])
     return dict(
         layers=layers,
         num_experts=int(moe["num_experts"]),
