@@ -89,6 +89,11 @@ def test_fit_includes_aux_losses_and_reduces_loss(rng):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     aux = history.history["aux_loss"]
     assert all(a > 0 for a in aux)
+    # The routers' losses are metrics too: aux = 0.005 * (importance + load).
+    importance = np.array(history.history["importance_loss"])
+    load = np.array(history.history["load_loss"])
+    assert np.all(importance > 0) and np.all(load > 0)
+    np.testing.assert_allclose(aux, 0.005 * (importance + load), rtol=1e-4)
     # Evaluation: loss = members' mean cross-entropy + the aux losses.
     results = model.evaluate(x, y, batch_size=16, verbose=0,
                              return_dict=True)
@@ -96,6 +101,11 @@ def test_fit_includes_aux_losses_and_reduces_loss(rng):
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     ce = -np.mean(log_probs[np.arange(16), :, y])
     assert results["aux_loss"] > 0
+    # In evaluation only the importance loss exists (vmoe's deterministic
+    # mode); the reported metric is the one of the fixtures' metrics.npz.
+    assert results["load_loss"] == 0
+    np.testing.assert_allclose(results["aux_loss"],
+                               0.005 * results["importance_loss"], rtol=1e-4)
     np.testing.assert_allclose(results["loss"], ce + results["aux_loss"],
                                rtol=1e-4)
 

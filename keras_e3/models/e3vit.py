@@ -49,6 +49,9 @@ class E3ViT(keras.Model):
         self.head_bias_init = head_bias_init
         self.head_kernel_initializer = head_kernel_initializer
         self.aux_loss_tracker = keras.metrics.Mean(name="aux_loss")
+        self.router_loss_trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("importance_loss", "load_loss")}
 
     def call(self, inputs, training=None, mask=None):
         self.backbone.embedding.check_images(inputs.shape)
@@ -72,13 +75,32 @@ class E3ViT(keras.Model):
         self.aux_loss_tracker.update_state(
             ops.sum(ops.stack([ops.cast(a, "float32") for a in aux]))
             if aux else 0.0)
+        for name, value in self._router_losses().items():
+            self.router_loss_trackers[name].update_state(value)
         return total
+
+    def _router_losses(self):
+        """Unweighted importance / load losses of the current forward pass,
+        each averaged over groups and members and summed over MoE blocks
+        (vmoe's per-block metrics, totalled). The load loss exists only in
+        training."""
+        sums = {}
+        for block in self.backbone.moe_blocks:
+            router = block.mlp.router
+            metrics, router.latest_metrics = router.latest_metrics, None
+            for name in self.router_loss_trackers:
+                if metrics is not None and name in metrics:
+                    value = ops.mean(ops.cast(metrics[name], "float32"))
+                    sums[name] = sums.get(name, 0.0) + value
+        return sums
 
     @property
     def metrics(self):
         metrics = super().metrics
-        if self.compiled and self.aux_loss_tracker not in metrics:
-            metrics.append(self.aux_loss_tracker)
+        if self.compiled:
+            trackers = [self.aux_loss_tracker,
+                        *self.router_loss_trackers.values()]
+            metrics.extend(t for t in trackers if t not in metrics)
         return metrics
 
     def to_official_order(self, logits):
