@@ -4,7 +4,8 @@
 
 Default: jax, tensorflow and torch. Prints each backend's pytest summary and
 a final "N passed, N failed, N skipped" line; exits non-zero if any backend
-fails or runs no test.
+fails or runs no test. Tests marked `single_backend` (independent of the
+Keras backend) run on the first backend only.
 """
 
 import os
@@ -32,14 +33,17 @@ def main(argv):
         return 1
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     failed_backends = []
-    for backend in backends:
+    for i, backend in enumerate(backends):
         print(f"=== KERAS_BACKEND={backend}", flush=True)
+        # Backend-independent tests (pure NumPy, file formats) run once.
+        select = ([] if i == 0 or "-m" in extra
+                  else ["-m", "not single_backend"])
         env = dict(os.environ, KERAS_BACKEND=backend,
                    PYTHONPATH=os.pathsep.join(
                        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "-o", "console_output_style=classic", *extra],
+             "-o", "console_output_style=classic", *select, *extra],
             cwd=ROOT, env=env, capture_output=True, text=True)
         summary = [line for line in proc.stdout.splitlines()
                    if re.search(r"\d+ (passed|failed|error)", line)]

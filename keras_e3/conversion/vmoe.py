@@ -35,13 +35,27 @@ def read_config(config):
 
 
 def read_params(params):
-    """A flat {official name: array} mapping from a mapping or an .npz."""
+    """A flat {official name: array} mapping.
+
+    `params` is a mapping (nested or flat), an .npz of official names, or a
+    native vmoe checkpoint prefix: a local path whose `<prefix>.index`
+    exists, or an http(s):// / gs:// prefix (downloaded and cached), read
+    by `keras_e3.conversion.vmoe_checkpoint.read_vmoe_checkpoint`.
+    """
     if isinstance(params, (str, os.PathLike)):
         path = os.fspath(params)
         if not path.endswith(".npz"):
+            from keras_e3.conversion import vmoe_checkpoint
+
+            if vmoe_checkpoint.is_remote(path):
+                return vmoe_checkpoint.read_vmoe_checkpoint(path)
+            prefix = path[:-len(".index")] if path.endswith(".index") else path
+            if os.path.isfile(prefix + ".index"):
+                return vmoe_checkpoint.read_vmoe_checkpoint(prefix)
             raise VmoeConversionError(
                 f"Unsupported parameter file {path!r}: expected an .npz of "
-                "official parameter names.")
+                "official parameter names or a vmoe checkpoint prefix, but "
+                f"the checkpoint index {prefix + '.index'!r} does not exist.")
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}

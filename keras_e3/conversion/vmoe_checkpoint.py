@@ -240,7 +240,8 @@ def _read_msgpack(path, allowed_ext, what):
         raise VmoeCheckpointError(
             f"Could not read {what} file {path!r}: {e}") from e
     try:
-        return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook(allowed_ext),
+        return msgpack.unpackb(data, raw=False,
+                               ext_hook=_ext_hook(allowed_ext),
                                strict_map_key=False)
     except _FormatError as e:
         raise VmoeCheckpointError(
@@ -381,7 +382,8 @@ def _read_local(prefix):
         data = _read_msgpack(path, {_EXT_NDARRAY, _EXT_SLICE_ND},
                              "checkpoint shard")
         try:
-            if not isinstance(data, dict) or data.get(_CHUNKS_MAGIC) is not True:
+            if (not isinstance(data, dict)
+                    or data.get(_CHUNKS_MAGIC) is not True):
                 raise _FormatError("not a vmoe array-chunks shard")
             for name, leaf_id, slice_nd in wanted[shard]:
                 _place_chunk(out[name], infos[name], data, name, leaf_id,
