@@ -1,9 +1,12 @@
 """keras-e3: V-MoE and E³ (Efficient Ensemble of Experts) models for Keras 3."""
 
+__version__ = "0.1.0"
+
 from keras_e3 import layers
+from keras_e3.hub import upload_preset
 from keras_e3.layers.ensemble import ensemble_log_probs
 from keras_e3.losses import EnsembleSoftmaxCrossEntropy
 from keras_e3.models import E3ViT
 from keras_e3.models import E3ViTBackbone
-
-__version__ = "0.1.0"
+from keras_e3.preset_io import PresetError
+from keras_e3.registry import list_presets

@@ -5,7 +5,7 @@ import os
 import sys
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(
         prog="keras-e3", description="V-MoE and E³ models for Keras 3.")
     parser.add_argument("--backend", choices=("jax", "tensorflow", "torch"),
@@ -16,15 +16,86 @@ def main(argv=None):
                      "the ensemble's prediction")
     demo.add_argument("--image", help="image file (default: a synthetic one)")
     demo.add_argument("--seed", type=int, default=0)
+    convert = commands.add_parser(
+        "convert", help="official vmoe config + checkpoint -> preset dir")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a built-in vmoe_checkpoint preset")
+    source.add_argument("--config", help="vmoe model config (JSON file)")
+    convert.add_argument("--checkpoint",
+                         help="native checkpoint prefix (path, https:// or "
+                              "gs://) or .npz of official parameter names")
+    convert.add_argument("--image-size", type=int)
+    convert.add_argument("--out", required=True, help="preset directory")
+    upload = commands.add_parser(
+        "upload", help="upload a preset directory to the Hugging Face Hub")
+    upload.add_argument("preset_dir")
+    upload.add_argument("handle", help="hf://owner/repo[/branch]")
+    upload.add_argument("--private", action="store_true")
+    upload.add_argument("--message", help="commit message")
+    presets = commands.add_parser("presets", help="list built-in presets")
+    presets.add_argument("--verbose", "-v", action="store_true")
+    return parser
+
+
+def _convert(args, parser):
+    from keras_e3 import registry
+
+    if args.preset:
+        card = registry.builtin_presets().get(args.preset)
+        if card is None or card["kind"] != "vmoe_checkpoint":
+            parser.exit(2, f"keras-e3 convert: {args.preset!r} is not a "
+                           "built-in preset with an official checkpoint\n")
+        config, checkpoint = card["vmoe_config"], card["checkpoint"]
+        image_size = args.image_size or card.get("image_size")
+    else:
+        if not os.path.isfile(args.config):
+            parser.exit(2, f"keras-e3 convert: no such config file: "
+                           f"{args.config}\n")
+        if not args.checkpoint:
+            parser.exit(2, "keras-e3 convert: --config needs --checkpoint\n")
+        config, checkpoint, image_size = (args.config, args.checkpoint,
+                                          args.image_size)
+    model = registry.convert_checkpoint(config, checkpoint, args.out,
+                                        image_size=image_size)
+    print(f"wrote {args.out} ({model.count_params():,} parameters)")
+
+
+def main(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
-    if args.command == "demo":
-        if args.image and not os.path.isfile(args.image):
-            parser.exit(2, f"keras-e3 demo: no such image file: {args.image}\n")
-        from keras_e3 import demo as demo_module
+    from keras_e3.conversion.vmoe import VmoeConversionError
+    from keras_e3.conversion.vmoe_checkpoint import VmoeCheckpointError
+    from keras_e3.preset_io import PresetError
 
-        demo_module.run(args.image, seed=args.seed)
+    try:
+        if args.command == "demo":
+            if args.image and not os.path.isfile(args.image):
+                parser.exit(2, f"keras-e3 demo: no such image file: "
+                               f"{args.image}\n")
+            from keras_e3 import demo as demo_module
+
+            demo_module.run(args.image, seed=args.seed)
+        elif args.command == "convert":
+            _convert(args, parser)
+        elif args.command == "upload":
+            from keras_e3.hub import upload_preset
+
+            url = upload_preset(args.handle, args.preset_dir,
+                                private=args.private,
+                                commit_message=args.message)
+            print(f"uploaded {args.preset_dir} to {args.handle}: {url}")
+        elif args.command == "presets":
+            from keras_e3 import registry
+
+            for name, card in registry.builtin_presets().items():
+                line = f"{name}  [{card['kind']}]"
+                if args.verbose:
+                    line += f"  {card['description']}"
+                print(line)
+    except (PresetError, VmoeConversionError, VmoeCheckpointError) as e:
+        parser.exit(1, f"keras-e3 {args.command}: {e}\n")
     return 0
 
 

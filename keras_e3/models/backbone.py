@@ -7,13 +7,14 @@ from keras_e3.layers.embedding import PatchAndPositionEmbedding
 from keras_e3.layers.encoder_block import LAYER_NORM_EPSILON
 from keras_e3.layers.encoder_block import EncoderBlock
 from keras_e3.layers.ensemble import EnsembleTile
+from keras_e3.models.preset_mixin import PresetMixin
 
 CLASSIFIERS = ("token", "gap")
 DEFAULT_GROUP_IMAGES = 8
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
-class E3ViTBackbone(keras.Model):
+class E3ViTBackbone(PresetMixin, keras.Model):
     """Vision Transformer with optional sparse MoE MLPs and E³ ensembling.
 
     - Dense ViT: `moe_layers=()` (or `num_experts=0`).
@@ -192,7 +193,8 @@ class E3ViTBackbone(keras.Model):
             moe_dropout_rate=self.moe_dropout_rate,
             dispatcher=self.dispatcher, dispatch_dtype=self.dispatch_dtype,
             seed=self.seed,
-            dtype=keras.dtype_policies.serialize(self.dtype_policy),
+            # The layers' policy: a functional Model keeps float32 for itself.
+            dtype=keras.dtype_policies.serialize(self.embedding.dtype_policy),
         )
         return config
 

@@ -8,10 +8,11 @@ from keras_e3.layers.ensemble import EnsembleSplit
 from keras_e3.layers.ensemble import ensemble_log_probs
 from keras_e3.losses import EnsembleSoftmaxCrossEntropy
 from keras_e3.models.backbone import E3ViTBackbone
+from keras_e3.models.preset_mixin import PresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
-class E3ViT(keras.Model):
+class E3ViT(PresetMixin, keras.Model):
     """Image classifier: backbone -> linear head, one prediction per member.
 
     Output: logits [B, C] for a dense ViT or V-MoE (`ensemble_size` 1), and
@@ -35,7 +36,7 @@ class E3ViT(keras.Model):
         head = keras.layers.Dense(
             num_classes, kernel_initializer=head_kernel_initializer,
             bias_initializer=keras.initializers.Constant(head_bias_init),
-            dtype=dtype or backbone.dtype_policy, name="head")
+            dtype=dtype or backbone.embedding.dtype_policy, name="head")
         inputs = backbone.input
         logits = head(backbone(inputs)["pooled_output"])
         m = backbone.ensemble_size
@@ -125,17 +126,20 @@ class E3ViT(keras.Model):
         return out
 
     @classmethod
-    def from_vmoe(cls, config, params):
+    def from_vmoe(cls, config, params, image_size=None):
         """Builds the model of a vmoe config and loads official parameters.
 
         `config` is a vmoe model config dict (the `model` kwargs, as in the
-        fixtures' config.json) or a path to such a JSON file; `params` maps
+        fixtures' config.json) or a path to such a JSON file. `params` maps
         the official Flax parameter names ("Encoder/encoderblock_1/Moe/...")
-        to arrays, or is a path to an .npz of them.
+        to arrays, or is a path to an .npz of them, or a native vmoe
+        checkpoint prefix (local, https:// or gs://; downloaded once into
+        the cache). `image_size` defaults to the config's, else is inferred
+        from the position embedding.
         """
         from keras_e3.conversion.vmoe import model_from_vmoe
 
-        return model_from_vmoe(config, params, cls)
+        return model_from_vmoe(config, params, cls, image_size=image_size)
 
     def get_config(self):
         return {

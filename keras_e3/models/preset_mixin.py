@@ -1,0 +1,27 @@
+"""`from_preset` / `save_to_preset` for the backbone and the classifier."""
+
+
+class PresetMixin:
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """Builds the model from a preset and loads its weights.
+
+        `preset`: a built-in name (`keras_e3.list_presets()`), a local
+        preset directory, or `hf://owner/repo[/revision]`. Keyword
+        overrides: `num_classes` (classifier only: a fresh head),
+        `image_size` (position embeddings resampled), `load_weights`,
+        `dtype`, and weight-free settings such as `capacity_factor`; see
+        `keras_e3.preset_loader`.
+        """
+        from keras_e3.preset_loader import from_preset
+
+        return from_preset(cls, preset, **kwargs)
+
+    def save_to_preset(self, preset_dir, preprocessor=None,
+                       extra_metadata=None):
+        """Writes a preset directory (keras-hub's layout) atomically, with
+        the sha256 of every file in metadata.json."""
+        from keras_e3.preset_loader import save_to_preset
+
+        return save_to_preset(self, preset_dir, preprocessor=preprocessor,
+                              extra_metadata=extra_metadata)
