@@ -1,0 +1,15 @@
+"""Input pipelines, preprocessing, augmentation and k-shot sampling.
+
+Importing this package needs neither TensorFlow nor TensorFlow Datasets:
+`from_directory` and `from_tfds` import them when called.
+"""
+
+from keras_e3.data.augmentation import Augmentation
+from keras_e3.data.augmentation import make_augmentation
+from keras_e3.data.pipeline import ArrayDataset
+from keras_e3.data.pipeline import from_arrays
+from keras_e3.data.pipeline import from_directory
+from keras_e3.data.pipeline import from_tfds
+from keras_e3.data.preprocessing import ImagePreprocessor
+from keras_e3.data.preprocessing import preprocess_images
+from keras_e3.data.sampling import sample_k_shot
