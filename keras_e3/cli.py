@@ -34,6 +34,40 @@ def _parser():
     upload.add_argument("--message", help="commit message")
     presets = commands.add_parser("presets", help="list built-in presets")
     presets.add_argument("--verbose", "-v", action="store_true")
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a preset on a dataset (optionally "
+                         "k-shot) and write a new preset")
+    finetune.add_argument("--preset", required=True)
+    finetune.add_argument("--data", required=True,
+                          help="'digits' or a folder of class sub-folders")
+    finetune.add_argument("--shots", type=int,
+                          help="k examples per class (default: all)")
+    finetune.add_argument("--epochs", type=int, default=10)
+    finetune.add_argument("--batch-size", type=int, default=32)
+    finetune.add_argument("--learning-rate", type=float, default=0.01)
+    finetune.add_argument("--optimizer", default="sgd",
+                          choices=("sgd", "adam", "adamw"))
+    finetune.add_argument("--train", default="all",
+                          choices=("all", "head", "all_but_experts"))
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--out", required=True, help="preset directory")
+    predict = commands.add_parser(
+        "predict", help="top-k classes of image files, with ensemble "
+                        "probabilities and member disagreement")
+    predict.add_argument("--preset", required=True)
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--json", action="store_true",
+                         help="print JSON instead of text")
+    predict.add_argument("images", nargs="+")
+    evaluate = commands.add_parser(
+        "evaluate", help="accuracy, NLL, ECE, Brier, OOD detection and "
+                         "FLOPs per member and ensemble; a JSON report and "
+                         "plots")
+    try:  # TEMP until keras_e3/evaluate.py lands
+        from keras_e3 import evaluate as evaluate_module
+        evaluate_module.add_arguments(evaluate)
+    except ImportError:
+        pass
     return parser
 
 
@@ -86,6 +120,37 @@ def main(argv=None):
                                 private=args.private,
                                 commit_message=args.message)
             print(f"uploaded {args.preset_dir} to {args.handle}: {url}")
+        elif args.command == "finetune":
+            import json
+
+            from keras_e3.finetune import finetune
+
+            try:
+                summary = finetune(
+                    args.preset, args.data, args.out, shots=args.shots,
+                    epochs=args.epochs, batch_size=args.batch_size,
+                    learning_rate=args.learning_rate,
+                    optimizer=args.optimizer, train=args.train,
+                    seed=args.seed)
+            except KeyboardInterrupt:
+                parser.exit(130, f"keras-e3 finetune: interrupted; "
+                                 f"{args.out} was not changed\n")
+            print(json.dumps({k: summary[k] for k in summary
+                              if k != "history"}, indent=2))
+            print(f"wrote {args.out}")
+        elif args.command == "predict":
+            import json
+
+            from keras_e3.finetune import format_predictions
+            from keras_e3.finetune import predict
+
+            results = predict(args.preset, args.images, top_k=args.top_k)
+            print(json.dumps(results, indent=2) if args.json
+                  else format_predictions(results))
+        elif args.command == "evaluate":
+            from keras_e3 import evaluate as evaluate_module
+
+            return evaluate_module.run(args)
         elif args.command == "presets":
             from keras_e3 import registry
 
@@ -94,7 +159,8 @@ def main(argv=None):
                 if args.verbose:
                     line += f"  {card['description']}"
                 print(line)
-    except (PresetError, VmoeConversionError, VmoeCheckpointError) as e:
+    except (PresetError, VmoeConversionError, VmoeCheckpointError,
+            ValueError) as e:
         parser.exit(1, f"keras-e3 {args.command}: {e}\n")
     return 0
 

@@ -4,17 +4,16 @@ import keras
 from keras import ops
 
 
-@keras.saving.register_keras_serializable(package="keras_e3")
-class EnsembleSoftmaxCrossEntropy(keras.losses.Loss):
-    """Each member's softmax cross-entropy on the shared label, averaged.
+class _EnsembleLoss(keras.losses.Loss):
+    """Each member's loss on the shared label, averaged over members.
 
-    This is vmoe's `ensemble_softmax_xent_train`. `y_pred` is member logits
-    [B, M, C] (or [B, C] for a single model); `y_true` is integer labels [B]
-    (`sparse=True`) or one-hot / soft labels [B, C].
+    `y_pred` is member logits [B, M, C] (or [B, C] for a single model);
+    `y_true` is integer labels [B] (`sparse=True`) or one-hot / soft labels
+    [B, C]. `label_smoothing` mixes the targets with the uniform
+    distribution.
     """
 
-    def __init__(self, sparse=True, label_smoothing=0.0,
-                 name="ensemble_softmax_cross_entropy", **kwargs):
+    def __init__(self, sparse=True, label_smoothing=0.0, name=None, **kwargs):
         super().__init__(name=name, **kwargs)
         self.sparse = sparse
         self.label_smoothing = label_smoothing
@@ -28,13 +27,44 @@ class EnsembleSoftmaxCrossEntropy(keras.losses.Loss):
         if self.label_smoothing:
             y_true = (y_true * (1.0 - self.label_smoothing)
                       + self.label_smoothing / num_classes)
-        log_probs = ops.log_softmax(y_pred, axis=-1)
         if len(y_pred.shape) == 3:  # [B, M, C]: same label for every member.
-            y_true = y_true[:, None, :]
-            return -ops.mean(ops.sum(y_true * log_probs, axis=-1), axis=1)
-        return -ops.sum(y_true * log_probs, axis=-1)
+            return ops.mean(self.per_member(y_true[:, None, :], y_pred),
+                            axis=1)
+        return self.per_member(y_true, y_pred)
 
     def get_config(self):
         config = super().get_config()
         config.update(sparse=self.sparse, label_smoothing=self.label_smoothing)
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class EnsembleSoftmaxCrossEntropy(_EnsembleLoss):
+    """Each member's softmax cross-entropy on the shared label, averaged:
+    vmoe's `ensemble_softmax_xent_train` (the paper's objective)."""
+
+    def __init__(self, sparse=True, label_smoothing=0.0,
+                 name="ensemble_softmax_cross_entropy", **kwargs):
+        super().__init__(sparse, label_smoothing, name=name, **kwargs)
+
+    def per_member(self, y_true, logits):
+        return -ops.sum(y_true * ops.log_softmax(logits, axis=-1), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class EnsembleSigmoidCrossEntropy(_EnsembleLoss):
+    """Each member's sigmoid cross-entropy summed over classes, averaged
+    over members: vmoe's `sigmoid_xent` (used to pre-train V-MoE on
+    ILSVRC2012 and ImageNet-21k)."""
+
+    def __init__(self, sparse=True, label_smoothing=0.0,
+                 name="ensemble_sigmoid_cross_entropy", **kwargs):
+        super().__init__(sparse, label_smoothing, name=name, **kwargs)
+
+    def per_member(self, y_true, logits):
+        return -ops.sum(y_true * ops.log_sigmoid(logits)
+                        + (1.0 - y_true) * ops.log_sigmoid(-logits), axis=-1)
+
+
+LOSSES = {"softmax": EnsembleSoftmaxCrossEntropy,
+          "sigmoid": EnsembleSigmoidCrossEntropy}

@@ -74,6 +74,9 @@ class atomic_directory:
         os.makedirs(parent, exist_ok=True)
         self.tmp = tempfile.mkdtemp(
             dir=parent, prefix=f".{os.path.basename(self.target)}.tmp-")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 is too strict
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -124,8 +127,11 @@ def load_head_weights(path, head):
 
 
 def save_preset(preset_dir, backbone, task=None, preprocessor=None,
-                extra_metadata=None):
-    """Writes a preset directory atomically (see the module docstring)."""
+                extra_metadata=None, extra_files=None):
+    """Writes a preset directory atomically (see the module docstring).
+
+    `extra_files` maps more JSON file names (e.g. a training summary) to
+    their contents; they are written and checksummed with the rest."""
     from keras_e3 import __version__
 
     with atomic_directory(preset_dir) as tmp:
@@ -138,6 +144,11 @@ def save_preset(preset_dir, backbone, task=None, preprocessor=None,
             save_head_weights(os.path.join(tmp, TASK_WEIGHTS_FILE), task.head)
         if preprocessor is not None:
             write_json(os.path.join(tmp, PREPROCESSOR_FILE), preprocessor)
+        for name, content in (extra_files or {}).items():
+            if os.path.basename(name) != name or name == METADATA_FILE or \
+                    os.path.exists(os.path.join(tmp, name)):
+                raise PresetError(f"Cannot add {name!r} to a preset.")
+            write_json(os.path.join(tmp, name), content)
         files = {name: sha256(os.path.join(tmp, name))
                  for name in sorted(os.listdir(tmp))}
         metadata = {

@@ -180,6 +180,10 @@ def load_task(task_cls, preset_dir, num_classes=None, image_size=None,
         head = {"num_classes": num_classes}
     task = task_cls(backbone, dtype=dtype, **head)
     task.preprocessor_config = backbone.preprocessor_config
+    names = preset_io.read_json(preset_dir, preset_io.METADATA_FILE).get(
+        "class_names") if load_weights else None
+    if not fresh_head and names and len(names) == task.num_classes:
+        task.class_names = list(names)
     if load_weights and not fresh_head:
         preset_io.load_head_weights(
             os.path.join(preset_dir, preset_io.TASK_WEIGHTS_FILE), task.head)
@@ -194,7 +198,7 @@ def preprocessor_config(backbone, value_range=(-1.0, 1.0)):
 
 
 def save_to_preset(model, preset_dir, preprocessor=None,
-                   extra_metadata=None):
+                   extra_metadata=None, extra_files=None):
     """Writes a backbone or a classifier as a preset directory."""
     from keras_e3.models.backbone import E3ViTBackbone
 
@@ -204,6 +208,34 @@ def save_to_preset(model, preset_dir, preprocessor=None,
                     **(preprocessor or getattr(model, "preprocessor_config",
                                                None) or {}),
                     "image_size": list(backbone.embedding.image_size)}
+    metadata = dict(extra_metadata or {})
+    class_names = getattr(model, "class_names", None)
+    if task is not None and class_names and "class_names" not in metadata:
+        metadata["class_names"] = list(class_names)
     return preset_io.save_preset(preset_dir, backbone, task=task,
                                  preprocessor=preprocessor,
-                                 extra_metadata=extra_metadata)
+                                 extra_metadata=metadata,
+                                 extra_files=extra_files)
+
+
+def load_preprocessor(handle):
+    """The preprocessor config of the preset at `handle` (a dict)."""
+    from keras_e3 import registry
+
+    handle = os.fspath(handle)
+    card = registry.builtin_presets().get(handle)
+    if card is not None and card["kind"] == "architecture":
+        kwargs, _ = registry.architecture(card)
+        return {"image_size": list(as_pair(kwargs["image_size"],
+                                           "image_size")),
+                "num_channels": kwargs.get("num_channels", 3),
+                "value_range": [-1.0, 1.0]}
+    preset_dir = resolve(handle)
+    config = _spec(preset_dir, preset_io.CONFIG_FILE, BACKBONE_CLASS)
+    out = {"image_size": list(as_pair(config["image_size"], "image_size")),
+           "num_channels": config.get("num_channels", 3),
+           "value_range": [-1.0, 1.0]}
+    if os.path.isfile(os.path.join(preset_dir, preset_io.PREPROCESSOR_FILE)):
+        out.update(preset_io.read_json(preset_dir,
+                                       preset_io.PREPROCESSOR_FILE))
+    return out

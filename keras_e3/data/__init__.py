@@ -6,6 +6,8 @@ Importing this package needs neither TensorFlow nor TensorFlow Datasets:
 
 from keras_e3.data.augmentation import Augmentation
 from keras_e3.data.augmentation import make_augmentation
+from keras_e3.data.folder import load_dataset
+from keras_e3.data.folder import load_image_folder
 from keras_e3.data.pipeline import ArrayDataset
 from keras_e3.data.pipeline import from_arrays
 from keras_e3.data.pipeline import from_directory

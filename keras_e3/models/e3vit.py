@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_e3.layers.ensemble import EnsembleSplit
 from keras_e3.layers.ensemble import ensemble_log_probs
-from keras_e3.losses import EnsembleSoftmaxCrossEntropy
+from keras_e3.losses import LOSSES
 from keras_e3.models.backbone import E3ViTBackbone
 from keras_e3.models.preset_mixin import PresetMixin
 
@@ -62,9 +62,27 @@ class E3ViT(PresetMixin, keras.Model):
     def ensemble_size(self):
         return self.backbone.ensemble_size
 
-    def compile(self, optimizer="adam", loss="auto", metrics=None, **kwargs):
-        if loss == "auto":
-            loss = EnsembleSoftmaxCrossEntropy()
+    def compile(self, optimizer="adam", loss="auto", metrics="auto",
+                **kwargs):
+        """Keras' compile with the paper's defaults.
+
+        `loss`: "auto" / "softmax" (each member's softmax cross-entropy on
+        the shared label, averaged), "sigmoid" (vmoe's sigmoid
+        cross-entropy), or any Keras loss. The routers' auxiliary losses
+        are always added. `metrics`: "auto" reports the ensemble's accuracy
+        and NLL and each member's accuracy; None for none.
+        """
+        if isinstance(loss, str) and loss in ("auto", *LOSSES):
+            loss = LOSSES["softmax" if loss == "auto" else loss]()
+        if isinstance(metrics, str) and metrics == "auto":
+            from keras_e3.metrics import EnsembleAccuracy
+            from keras_e3.metrics import EnsembleNLL
+            from keras_e3.metrics import MemberAccuracy
+
+            metrics = [EnsembleAccuracy(), EnsembleNLL()]
+            if self.ensemble_size > 1:
+                metrics += [MemberAccuracy(m)
+                            for m in range(self.ensemble_size)]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics,
                         **kwargs)
 

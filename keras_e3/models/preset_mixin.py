@@ -18,10 +18,11 @@ class PresetMixin:
         return from_preset(cls, preset, **kwargs)
 
     def save_to_preset(self, preset_dir, preprocessor=None,
-                       extra_metadata=None):
+                       extra_metadata=None, extra_files=None):
         """Writes a preset directory (keras-hub's layout) atomically, with
         the sha256 of every file in metadata.json."""
         from keras_e3.preset_loader import save_to_preset
 
         return save_to_preset(self, preset_dir, preprocessor=preprocessor,
-                              extra_metadata=extra_metadata)
+                              extra_metadata=extra_metadata,
+                              extra_files=extra_files)
