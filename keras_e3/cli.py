@@ -12,10 +12,10 @@ def _parser():
                         help="Keras backend (default: $KERAS_BACKEND)")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="an E³ classifies an image; prints each member's and "
-                     "the ensemble's prediction")
-    demo.add_argument("--image", help="image file (default: a synthetic one)")
-    demo.add_argument("--seed", type=int, default=0)
+        "demo", help="the shipped E³ on held-out digits: accuracy, NLL and "
+                     "ECE per member and for the ensemble (offline)")
+    demo.add_argument("--preset", default="e3_tiny_digits")
+    demo.add_argument("--image", help="also classify this image file")
     convert = commands.add_parser(
         "convert", help="official vmoe config + checkpoint -> preset dir")
     source = convert.add_mutually_exclusive_group(required=True)
@@ -110,7 +110,7 @@ def main(argv=None):
                                f"{args.image}\n")
             from keras_e3 import demo as demo_module
 
-            demo_module.run(args.image, seed=args.seed)
+            demo_module.run(args.image, preset=args.preset)
         elif args.command == "convert":
             _convert(args, parser)
         elif args.command == "upload":

@@ -15,18 +15,32 @@ def run_cli(*args):
                           timeout=300)
 
 
-def test_demo_prints_members_and_ensemble(tmp_path):
+def test_demo_evaluates_the_shipped_e3_and_classifies_an_image(tmp_path):
     import keras
+    import numpy as np
 
-    image = tmp_path / "image.png"
-    keras.utils.save_img(image, (keras.random.uniform((40, 50, 3)) * 255))
+    from keras_e3.data.digits import load_digits_raw
+
+    images, labels = load_digits_raw()
+    image = tmp_path / "seven.png"
+    seven = int(np.flatnonzero(labels == 7)[0])
+    keras.utils.save_img(image, np.round(images[seven][..., None] * 255 / 16),
+                         scale=False)
     result = run_cli("demo", "--image", str(image))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert lines[0].startswith("e3_tiny_digits: E³ with 4 experts in 2 "
+                               "partitions")
     assert f"backend {BACKEND}" in lines[0]
-    assert lines[1].startswith("member 0: class ")
-    assert lines[2].startswith("member 1: class ")
-    assert lines[3].startswith("ensemble: class ")
+    assert lines[1].startswith("held-out digits: 450 images")
+    rows = {line.split()[0] + (line.split()[1] if line.startswith("member")
+                               else ""): line for line in lines[3:6]}
+    assert set(rows) == {"ensemble", "member0", "member1"}
+    accuracy = float(rows["ensemble"].split()[1])
+    assert accuracy >= 0.95
+    assert lines[6] == f"{image}:"
+    assert lines[7].strip().startswith("member 0: digit ")
+    assert lines[9].strip().startswith("ensemble: digit 7")
 
 
 def test_demo_missing_image_is_a_clear_error():

@@ -1,0 +1,47 @@
+"""The examples run (with small settings) and print what they promise."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import BACKEND
+from conftest import ROOT
+
+
+def run_example(name, *args):
+    env = dict(os.environ, KERAS_BACKEND=BACKEND,
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
+                   "PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name),
+                             *args], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.single_backend
+def test_classify_image(tmp_path):
+    import keras
+
+    from keras_e3.data.digits import load_digits_raw
+
+    images, labels = load_digits_raw()
+    path = tmp_path / "digit.png"
+    keras.utils.save_img(path, np.round(images[3][..., None] * 255 / 16),
+                         scale=False)
+    out = run_example("classify_image.py", str(path)).splitlines()
+    assert out[0] == str(path)
+    assert out[3].strip().startswith(f"ensemble: class {labels[3]} ")
+
+
+@pytest.mark.single_backend
+def test_finetune_digits(tmp_path):
+    out = run_example("finetune_digits.py", "--shots", "1", "--epochs", "1",
+                      "--out", str(tmp_path / "tuned"))
+    report = json.loads(out)
+    assert set(report["after"]) == {"ensemble/accuracy", "ensemble/nll",
+                                    "ensemble/ece"}
+    assert (tmp_path / "tuned" / "finetune.json").is_file()
