@@ -273,12 +273,21 @@ def test_builtin_cards_are_complete():
                      "eee_s32_last2_ilsvrc2012_ft_cifar100",
                      "eee_b16_last5", "eee_l16_last5"):
         assert required in names
+    from keras_e3.flops import count_flops_from_config
+
     for name, card in registry.builtin_presets().items():
-        assert {"description", "kind", "license", "source"} <= set(card)
+        assert {"description", "kind", "license", "source",
+                "parameter_count", "gflops_per_image"} <= set(card), name
+        kwargs, head = registry.architecture(card)
         if card["kind"] != "embedded":
-            kwargs, head = registry.architecture(card)
             assert head["num_classes"] == card["vmoe_config"]["num_classes"]
             assert kwargs["image_size"] == card["image_size"]
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k not in ("name", "trainable")}
+        counts = count_flops_from_config(num_classes=head["num_classes"],
+                                         **kwargs)
+        assert counts["params"] == card["parameter_count"], name
+        assert round(counts["flops"] / 1e9, 3) == card["gflops_per_image"]
 
 
 @pytest.mark.single_backend
@@ -290,6 +299,8 @@ def test_builtin_architecture_without_weights():
             backbone.num_selected_experts) == (8, 2, 1)
     assert backbone.moe_layers == (5, 7) or list(backbone.moe_layers) == [5, 7]
     assert model.num_classes == 100
+    card = registry.builtin_presets()["eee_s32_last2_ilsvrc2012_ft_cifar100"]
+    assert model.count_params() == card["parameter_count"]
     assert model(np.zeros((1, 128, 128, 3), "float32")).shape == (1, 2, 100)
     with pytest.raises(PresetError, match="architecture-only"):
         keras_e3.E3ViT.from_preset("eee_l16_last5")
