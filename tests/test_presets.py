@@ -185,33 +185,31 @@ def resign(preset):
     (preset / "metadata.json").write_text(json.dumps(metadata))
 
 
-def test_weights_that_do_not_match_the_config(saved, tmp_path):
+def edit_config(file_name, key, value):
+    def edit(spec):
+        if key == "class_name":
+            spec["class_name"] = value
+        else:
+            spec["config"][key] = value
+    return file_name, edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (edit_config("config.json", "hidden_dim", 24), "model.weights.h5"),
+    (edit_config("task.json", "num_classes", 9),
+     "task.weights.h5.*head/kernel"),
+    (edit_config("config.json", "class_name", "Functional"),
+     "not an E3ViTBackbone"),
+], ids=["weights_vs_config", "head_vs_task", "other_class"])
+def test_files_that_do_not_match_each_other(saved, tmp_path, edit, message):
+    """Consistent checksums, inconsistent contents: still a clear error."""
     preset = copy_preset(saved[1], tmp_path / "p")
-    spec = json.loads((preset / "config.json").read_text())
-    spec["config"]["hidden_dim"] = 24
-    (preset / "config.json").write_text(json.dumps(spec))
+    file_name, change = edit
+    spec = json.loads((preset / file_name).read_text())
+    change(spec)
+    (preset / file_name).write_text(json.dumps(spec))
     resign(preset)
-    with pytest.raises(PresetError, match="model.weights.h5"):
-        keras_e3.E3ViT.from_preset(preset)
-
-
-def test_head_that_does_not_match_the_task(saved, tmp_path):
-    preset = copy_preset(saved[1], tmp_path / "p")
-    spec = json.loads((preset / "task.json").read_text())
-    spec["config"]["num_classes"] = 9
-    (preset / "task.json").write_text(json.dumps(spec))
-    resign(preset)
-    with pytest.raises(PresetError, match="task.weights.h5.*head/kernel"):
-        keras_e3.E3ViT.from_preset(preset)
-
-
-def test_config_of_another_class_is_refused(saved, tmp_path):
-    preset = copy_preset(saved[1], tmp_path / "p")
-    spec = json.loads((preset / "config.json").read_text())
-    spec["class_name"] = "Functional"
-    (preset / "config.json").write_text(json.dumps(spec))
-    resign(preset)
-    with pytest.raises(PresetError, match="not an E3ViTBackbone"):
+    with pytest.raises(PresetError, match=message):
         keras_e3.E3ViT.from_preset(preset)
 
 
