@@ -15,7 +15,6 @@ import json
 import keras_e3
 from keras_e3.data.digits import load_digits_splits
 from keras_e3.finetune import finetune
-from keras_e3.finetune import member_logits
 from keras_e3.metrics import evaluate_predictions
 
 parser = argparse.ArgumentParser()
@@ -26,8 +25,8 @@ parser.add_argument("--out", default="/tmp/keras_e3_finetuned")
 args = parser.parse_args()
 
 _, (x_test, y_test) = load_digits_splits()
-before = evaluate_predictions(member_logits(
-    keras_e3.E3ViT.from_preset(args.preset), x_test), y_test)
+before = evaluate_predictions(
+    keras_e3.E3ViT.from_preset(args.preset).predict_members(x_test), y_test)
 summary = finetune(args.preset, "digits", args.out, shots=args.shots,
                    epochs=args.epochs, verbose=0)
 after = summary["held_out"]

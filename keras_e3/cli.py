@@ -63,11 +63,9 @@ def _parser():
         "evaluate", help="accuracy, NLL, ECE, Brier, OOD detection and "
                          "FLOPs per member and ensemble; a JSON report and "
                          "plots")
-    try:  # TEMP until keras_e3/evaluate.py lands
-        from keras_e3 import evaluate as evaluate_module
-        evaluate_module.add_arguments(evaluate)
-    except ImportError:
-        pass
+    from keras_e3 import evaluate as evaluate_module
+
+    evaluate_module.add_arguments(evaluate)
     return parser
 
 

@@ -59,14 +59,9 @@ class DeepEnsemble:
             expected = ", ".join(map(str, self.image_shape))
             raise ValueError(f"images must be [B, {expected}]; got shape "
                              f"{images.shape}.")
-        outputs = []
-        for model in self.models:
-            logits = np.asarray(model.predict(images, batch_size=batch_size,
-                                              verbose=verbose))
-            if logits.ndim == 2:
-                logits = logits[:, None, :]
-            outputs.append(logits)
-        return np.concatenate(outputs, axis=1)
+        return np.concatenate(
+            [model.predict_members(images, batch_size, verbose)
+             for model in self.models], axis=1)
 
     def predict_ensemble(self, images, batch_size=None):
         """Ensemble log-probabilities log(mean_m softmax(logits_m)) [B, C]."""

@@ -48,7 +48,6 @@ def metrics_table(report, ensemble_size):
 def run(image_path=None, preset=DEFAULT_PRESET):
     from keras_e3.data.digits import load_digits_splits
     from keras_e3.finetune import load_images
-    from keras_e3.finetune import member_logits
     from keras_e3.metrics import evaluate_predictions
     from keras_e3.models import E3ViT
 
@@ -58,7 +57,7 @@ def run(image_path=None, preset=DEFAULT_PRESET):
     pre = model.preprocessor_config
     _, (x_test, y_test) = load_digits_splits(
         image_size=pre["image_size"][0], num_channels=pre["num_channels"])
-    logits = member_logits(model, x_test, batch_size=128)
+    logits = model.predict_members(x_test, batch_size=128)
     report = evaluate_predictions(logits, y_test)
     print(f"{preset}: E³ with {backbone.num_experts} experts in "
           f"{backbone.ensemble_size} partitions, K="
@@ -72,7 +71,7 @@ def run(image_path=None, preset=DEFAULT_PRESET):
     if image_path:
         names = getattr(model, "class_names", None) or [
             f"digit {i}" for i in range(model.num_classes)]
-        image_logits = member_logits(model, load_images([image_path], pre))
+        image_logits = model.predict_members(load_images([image_path], pre))
         print(f"{image_path}:")
         for line in describe(image_logits[0], names):
             print("  " + line)

@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from keras_e3.io_utils import json_safe
+
 TRAIN_MODES = ("all", "head", "all_but_experts")
 
 
@@ -75,23 +77,16 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
                     for k, vs in history.history.items()},
     }
     if held_out is not None:
-        logits = member_logits(model, held_out[0], batch_size)
+        logits = model.predict_members(held_out[0], batch_size)
         report = evaluate_predictions(logits, held_out[1])
         summary["held_out"] = {"num_examples": int(len(held_out[1])),
-                               **_jsonable(report)}
+                               **json_safe(report)}
     summary["seconds"] = round(time.time() - started, 1)
     model.save_to_preset(out, extra_metadata={"finetune": {
         k: summary[k] for k in ("preset", "data", "shots", "epochs",
                                 "seed")}},
         extra_files={"finetune.json": summary})
     return summary
-
-
-def member_logits(model, images, batch_size=64):
-    """[N, M, C] NumPy member logits (M = 1 for a single model)."""
-    logits = np.asarray(model.predict(images, batch_size=batch_size,
-                                      verbose=0))
-    return logits[:, None, :] if logits.ndim == 2 else logits
 
 
 def load_images(paths, preprocessor):
@@ -126,7 +121,7 @@ def predict(preset, paths, top_k=5, batch_size=32):
 
     model = E3ViT.from_preset(preset)
     images = load_images(paths, model.preprocessor_config)
-    logits = member_logits(model, images, batch_size)
+    logits = model.predict_members(images, batch_size)
     probs = ensemble_probs(softmax(logits))
     names = getattr(model, "class_names", None) or [
         str(i) for i in range(model.num_classes)]
@@ -144,18 +139,6 @@ def predict(preset, paths, top_k=5, batch_size=32):
     return results
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def format_predictions(results):
     lines = []
     for r in results:
@@ -167,5 +150,5 @@ def format_predictions(results):
     return "\n".join(lines)
 
 
-__all__ = ["finetune", "predict", "member_logits", "load_images",
+__all__ = ["finetune", "predict", "load_images",
            "format_predictions"]

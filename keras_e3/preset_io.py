@@ -25,6 +25,8 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_e3.io_utils import default_permissions
+
 CONFIG_FILE = "config.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
 TASK_CONFIG_FILE = "task.json"
@@ -74,9 +76,7 @@ class atomic_directory:
         os.makedirs(parent, exist_ok=True)
         self.tmp = tempfile.mkdtemp(
             dir=parent, prefix=f".{os.path.basename(self.target)}.tmp-")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 is too strict
+        default_permissions(self.tmp, directory=True)  # not mkdtemp's 0700
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

@@ -10,7 +10,6 @@ from conftest import ROOT
 import keras_e3
 from keras_e3 import cli
 from keras_e3 import preset_io
-from keras_e3.finetune import member_logits
 from keras_e3.metrics import evaluate_predictions
 
 VIT_DIGITS = str(ROOT / "keras_e3" / "pretrained" / "vit_tiny_digits")
@@ -53,7 +52,7 @@ def test_finetune_writes_a_preset_that_reloads(capsys, tmp_path):
 
     _, (x_test, y_test) = load_digits_splits()
     model = keras_e3.E3ViT.from_preset(out)
-    report = evaluate_predictions(member_logits(model, x_test), y_test)
+    report = evaluate_predictions(model.predict_members(x_test), y_test)
     for key in ("ensemble/accuracy", "ensemble/nll", "ensemble/ece"):
         assert report[key] == pytest.approx(summary["held_out"][key],
                                             abs=1e-6)

@@ -126,11 +126,16 @@ class E3ViT(PresetMixin, keras.Model):
         """[B, M, C] member logits -> vmoe's [B*M, C] (row b*M + m)."""
         return ops.reshape(logits, (-1, logits.shape[-1]))
 
+    def predict_members(self, images, batch_size=None, verbose=0):
+        """Member logits as a float32 NumPy array [B, M, C] (M = 1 for a
+        dense ViT or a V-MoE)."""
+        logits = np.asarray(self.predict(images, batch_size=batch_size,
+                                         verbose=verbose), dtype=np.float32)
+        return logits[:, None, :] if logits.ndim == 2 else logits
+
     def predict_ensemble(self, images, batch_size=None, verbose=0):
         """Ensemble log-probabilities log(mean_m softmax(logits_m)), [B, C]."""
-        logits = self.predict(images, batch_size=batch_size, verbose=verbose)
-        if self.ensemble_size == 1:
-            logits = logits[:, None, :]
+        logits = self.predict_members(images, batch_size, verbose)
         return np.asarray(ops.convert_to_numpy(ensemble_log_probs(logits)))
 
     def compute_intermediates(self, images, training=False):

@@ -1,0 +1,62 @@
+"""Atomic file writes and JSON-safe values, shared by reports, plots and
+presets: a crash never leaves a half-written file behind."""
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+
+
+def default_permissions(path, directory=False):
+    """mkstemp / mkdtemp create private files (0600 / 0700): give `path` the
+    mode a plain open() / mkdir() would have under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """`with atomic_path(p) as tmp:` write tmp; on success it replaces p."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=suffix + ".tmp",
+        dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        default_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def json_safe(x):
+    """NaN / inf -> None, NumPy values -> Python, tuples -> lists."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    return x
+
+
+def write_json_atomic(path, data):
+    """Writes `data` (made JSON-safe) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(data), f, indent=2, sort_keys=True,
+                      allow_nan=False)
+            f.write("\n")
+    return path
