@@ -2,9 +2,20 @@
 
 __version__ = "0.1.0"
 
+from keras_e3 import data
+from keras_e3 import fewshot
+from keras_e3 import flops
 from keras_e3 import layers
+from keras_e3 import metrics
+from keras_e3 import training
+from keras_e3.deep_ensemble import DeepEnsemble
+from keras_e3.flops import count_flops
+from keras_e3.flops import count_flops_from_config
+from keras_e3.flops import deep_ensemble_flops
+from keras_e3.flops import flops_ratio
 from keras_e3.hub import upload_preset
 from keras_e3.layers.ensemble import ensemble_log_probs
+from keras_e3.losses import EnsembleSigmoidCrossEntropy
 from keras_e3.losses import EnsembleSoftmaxCrossEntropy
 from keras_e3.models import E3ViT
 from keras_e3.models import E3ViTBackbone
