@@ -45,3 +45,13 @@ def test_finetune_digits(tmp_path):
     assert set(report["after"]) == {"ensemble/accuracy", "ensemble/nll",
                                     "ensemble/ece"}
     assert (tmp_path / "tuned" / "finetune.json").is_file()
+
+
+@pytest.mark.single_backend
+def test_evaluate_finetuned(tmp_path):
+    out = run_example("evaluate_finetuned.py", "--shots", "1", "--epochs",
+                      "1", "--out", str(tmp_path))
+    assert "OOD (digits-rotated)" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["preset"] == str(tmp_path / "preset")
+    assert (tmp_path / "report" / "routing_maps.png").is_file()
