@@ -134,7 +134,7 @@ def load_digits_splits(image_size=32, num_channels=1, test_fraction=0.25,
 
     Images are float32 [N, image_size, image_size, num_channels] in [-1, 1]
     (see the module docstring), labels int32 [N]. With the defaults:
-    1,348 training and 449 test images.
+    1,347 training and 450 test images.
     """
     images, labels = load_digits_raw()
     train, test = stratified_split(labels, test_fraction, seed)
