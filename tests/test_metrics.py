@@ -472,3 +472,19 @@ def test_model_evaluate_with_metrics(rng, jit):
                         numpy_reference(logits, y)))
     for name, value in expected.items():
         assert results[name] == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def test_keras_metrics_accept_one_hot_labels(rng):
+    """MixUp / CutMix give one-hot or soft targets: scored by argmax."""
+    from keras_e3.metrics import ensemble_metrics
+
+    logits = rng.normal(size=(6, 2, 3)).astype("float32")
+    labels = rng.integers(0, 3, 6)
+    soft = 0.8 * np.eye(3)[labels] + 0.2 / 3
+    for sparse_metric, dense_metric in zip(ensemble_metrics(2),
+                                           ensemble_metrics(2)):
+        sparse_metric.update_state(labels, logits)
+        dense_metric.update_state(soft.astype("float32"), logits)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(dense_metric.result()),
+            keras.ops.convert_to_numpy(sparse_metric.result()), rtol=1e-6)

@@ -1,7 +1,8 @@
 """Streaming Keras metrics for ensemble outputs (keras.ops only).
 
 `y_pred` is member logits [B, M, C] (E³ models) or logits [B, C]; `y_true`
-is integer labels [B] (or [B, 1]). The ensemble prediction is
+is integer labels [B] (or [B, 1]), or one-hot / soft labels [B, C] (scored
+by their argmax). The ensemble prediction is
 log(mean_m softmax(logits_m)) (`keras_e3.ensemble_log_probs`). Accuracy,
 NLL, Brier and ECE score the ensemble by default, or member m with
 `member=m`; `ensemble_metrics(M)` lists them all (plus disagreement) for
@@ -17,7 +18,13 @@ from keras import ops
 from keras_e3.layers.ensemble import ensemble_log_probs
 
 
-def _labels(y_true):
+def _labels(y_true, num_classes):
+    """Integer labels [B] from integer labels [B] / [B, 1], or from one-hot
+    or soft labels [B, C] (their argmax: MixUp / CutMix targets)."""
+    y_true = ops.convert_to_tensor(y_true)
+    shape = y_true.shape
+    if len(shape) >= 2 and shape[-1] == num_classes and num_classes > 1:
+        return ops.cast(ops.argmax(y_true, axis=-1), "int32")
     return ops.cast(ops.reshape(y_true, (-1,)), "int32")
 
 
@@ -46,7 +53,8 @@ def _log_probs(y_pred, dtype, member=None):
 
 def _correct(log_probs, y_true, dtype):
     pred = ops.cast(ops.argmax(log_probs, axis=-1), "int32")
-    return ops.cast(ops.equal(pred, _labels(y_true)), dtype)
+    return ops.cast(ops.equal(pred, _labels(y_true, log_probs.shape[-1])),
+                    dtype)
 
 
 def _member_or_none(member):
@@ -109,7 +117,8 @@ class EnsembleNLL(_PerExampleMean):
 
     def _values(self, y_true, y_pred):
         log_probs = _log_probs(y_pred, self.dtype, self.member)
-        onehot = ops.one_hot(_labels(y_true), log_probs.shape[-1],
+        onehot = ops.one_hot(_labels(y_true, log_probs.shape[-1]),
+                             log_probs.shape[-1],
                              dtype=self.dtype)
         return -ops.sum(onehot * log_probs, axis=-1)
 
@@ -122,7 +131,8 @@ class EnsembleBrier(_PerExampleMean):
 
     def _values(self, y_true, y_pred):
         probs = ops.exp(_log_probs(y_pred, self.dtype, self.member))
-        onehot = ops.one_hot(_labels(y_true), probs.shape[-1],
+        onehot = ops.one_hot(_labels(y_true, probs.shape[-1]),
+                             probs.shape[-1],
                              dtype=self.dtype)
         return ops.sum(ops.square(probs - onehot), axis=-1)
 
