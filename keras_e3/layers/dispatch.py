@@ -10,16 +10,19 @@ batch-prioritized routing (BPR), tokens with a larger top gate win. Choices
 that land beyond the capacity are dropped.
 
 `EinsumDispatcher` is the readable reference implementation: dense
-dispatch/combine tensors [G, S, E, C] applied with einsums.
-`make_dispatcher` is the one place that picks an implementation; faster
-paths plug in there behind the same `dispatch` / `combine` interface.
+dispatch/combine tensors [G, S, E, C] applied with einsums, O(S·E·C) memory
+and FLOPs per group just to move tokens. `GatherDispatcher` moves the same
+tokens with index gathers (and their scatter-add gradients): O(S·K) routing
+state, no [G, S, E, C] tensor, same capacity, same dropped tokens, same
+combine weights. `make_dispatcher` is the one place that picks an
+implementation ("auto" = the fast path on every backend).
 """
 
 import math
 
 from keras import ops
 
-DISPATCHERS = ("einsum",)
+DISPATCHERS = ("einsum", "gather", "auto")
 
 
 def compute_capacity(group_size, num_experts, num_selected_experts,
@@ -132,15 +135,115 @@ class EinsumDispatcher:
         return ops.cast(out, dtype)
 
 
+class GatherDispatcher:
+    """Index-based dispatcher: the einsum reference's results without its
+    dense [G, S, E, C] tensors.
+
+    Each kept (token, choice) gets a flat slot e*C + position in its group's
+    buffer; dropped choices point at a spare slot E*C that holds zeros.
+    `dispatch` gathers every slot's token (an empty slot gathers a zero
+    row), `combine` gathers each token's K slots and weights them by the
+    (raw softmax) gates. The dense `combine_weights` / `dispatch_mask` of the
+    reference are available as properties, computed only when asked for
+    (`compute_intermediates`).
+    """
+
+    def __init__(self, gates, expert_index, buffer_index, capacity,
+                 dtype=None):
+        self.gates = gates
+        self.dtype = dtype
+        self._capacity = capacity
+        self.num_experts = num_experts = gates.shape[-1]
+        num_slots = num_experts * capacity
+        keep = ops.logical_and(buffer_index >= 0, buffer_index < capacity)
+        # [G, S, K]: the flat slot of each choice (num_slots when dropped).
+        self.slot = ops.where(keep, expert_index * capacity + buffer_index,
+                              num_slots)
+        self.weights = ops.take_along_axis(gates, expert_index, axis=2) * \
+            ops.cast(keep, gates.dtype)
+        shape = ops.shape(self.slot)
+        groups, group_size, k = shape[0], shape[1], shape[2]
+        # The token of every slot, by scattering (token + 1) into the slots;
+        # only the spare slot can receive several (dropped) choices.
+        rows = ops.broadcast_to(
+            ops.reshape(ops.arange(groups, dtype="int32"), (-1, 1, 1)), shape)
+        tokens = ops.broadcast_to(
+            ops.reshape(ops.arange(group_size, dtype="int32") + 1,
+                        (1, -1, 1)), shape)
+        indices = ops.reshape(ops.stack(
+            [rows, ops.cast(self.slot, "int32")], axis=-1), (-1, 2))
+        owner = ops.scatter(indices, ops.reshape(tokens, (-1,)),
+                            (groups, num_slots + 1))[:, :num_slots] - 1
+        # Empty slots read row `group_size`, a zero row appended to x.
+        self.source = ops.where(owner < 0, group_size, owner)
+
+    @property
+    def capacity(self):
+        return self._capacity
+
+    def _lowered(self, x):
+        return x if self.dtype is None else ops.cast(x, self.dtype)
+
+    def dispatch(self, x):
+        dtype = x.dtype
+        x = self._lowered(x)
+        hidden = x.shape[-1]
+        x = ops.concatenate([x, ops.zeros_like(x[:, :1])], axis=1)
+        y = ops.take_along_axis(x, self.source[..., None], axis=1)
+        y = ops.reshape(y, (-1, self.num_experts, self.capacity, hidden))
+        y = ops.reshape(ops.transpose(y, (1, 0, 2, 3)),
+                        (self.num_experts, -1, hidden))
+        return ops.cast(y, dtype)
+
+    def combine(self, y):
+        dtype = y.dtype
+        y = self._lowered(y)
+        hidden = y.shape[-1]
+        y = ops.reshape(y, (self.num_experts, -1, self.capacity, hidden))
+        y = ops.reshape(ops.transpose(y, (1, 0, 2, 3)),
+                        (-1, self.num_experts * self.capacity, hidden))
+        y = ops.concatenate([y, ops.zeros_like(y[:, :1])], axis=1)
+        y = ops.cast(y, self.weights.dtype)
+        k = self.slot.shape[-1]
+        flat_slot = ops.reshape(self.slot, (ops.shape(self.slot)[0], -1))
+        picked = ops.take_along_axis(y, flat_slot[..., None], axis=1)
+        picked = ops.reshape(picked, (ops.shape(self.slot)[0], -1, k, hidden))
+        out = ops.sum(picked * self.weights[..., None], axis=2)
+        return ops.cast(out, dtype)
+
+    @property
+    def dispatch_mask(self):
+        num_slots = self.num_experts * self.capacity
+        chosen = ops.sum(ops.one_hot(self.slot, num_slots + 1,
+                                     dtype="int32"), axis=2)[..., :num_slots]
+        shape = ops.shape(chosen)
+        return ops.reshape(chosen > 0, (shape[0], shape[1], self.num_experts,
+                                        self.capacity))
+
+    @property
+    def combine_weights(self):
+        return self.gates[..., None] * ops.cast(self.dispatch_mask,
+                                                self.gates.dtype)
+
+
+def resolve_dispatcher(implementation):
+    """'auto' -> the fast path; anything else is checked and returned."""
+    if implementation not in DISPATCHERS:
+        raise ValueError(f"Unknown dispatcher {implementation!r}; expected "
+                         f"one of {DISPATCHERS}.")
+    return "gather" if implementation == "auto" else implementation
+
+
 def make_dispatcher(gates, num_selected_experts, capacity,
                     batch_priority=False, valid=None, implementation="einsum",
                     dtype=None):
     """Routes `gates` [G, S, E] and returns a dispatcher for the experts."""
-    if implementation not in DISPATCHERS:
-        raise ValueError(f"Unknown dispatcher {implementation!r}; expected "
-                         f"one of {DISPATCHERS}.")
+    implementation = resolve_dispatcher(implementation)
     expert_index, buffer_index = top_experts_per_item(
         gates, num_selected_experts, batch_priority, valid)
+    if implementation == "gather":
+        return GatherDispatcher(gates, expert_index, buffer_index, capacity,
+                                dtype=dtype)
     num_experts = gates.shape[-1]
     # [G, S, K] -> [G, S, E]: the buffer slot of each token at each expert
     # (-1 where the expert was not selected).

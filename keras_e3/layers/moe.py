@@ -39,7 +39,7 @@ class MoeMlp(keras.layers.Layer):
                  batch_priority=False, ensemble_size=1, noise_std=1.0,
                  importance_loss_weight=0.005, load_loss_weight=0.005,
                  gshard_loss_weight=0.0, dropout_rate=0.0,
-                 dispatcher="einsum", dispatch_dtype=None, seed=None,
+                 dispatcher="auto", dispatch_dtype=None, seed=None,
                  **kwargs):
         super().__init__(**kwargs)
         if dispatcher not in DISPATCHERS:

@@ -41,7 +41,10 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         importance_loss_weight, load_loss_weight, gshard_loss_weight:
             weights of the auxiliary losses (added with `add_loss`).
         moe_dropout_rate: dropout inside the experts.
-        dispatcher: dispatch implementation (see `keras_e3.layers.dispatch`).
+        dispatcher: how tokens reach the experts: "auto" (default; the
+            gather fast path), "gather", or "einsum" (the readable dense
+            reference). All give the same outputs and gradients to fp32
+            rounding (see `keras_e3.layers.dispatch`).
         dispatch_dtype: e.g. "bfloat16" to move tokens in bfloat16.
         seed: seed of the router noise.
 
@@ -59,7 +62,7 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                  batch_priority=False, router_noise_std=1.0,
                  importance_loss_weight=0.005, load_loss_weight=0.005,
                  gshard_loss_weight=0.0, moe_dropout_rate=0.0,
-                 dispatcher="einsum", dispatch_dtype=None, seed=None,
+                 dispatcher="auto", dispatch_dtype=None, seed=None,
                  dtype=None, **kwargs):
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
         _validate(num_layers, classifier, num_experts, moe_layers,
