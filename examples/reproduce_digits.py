@@ -43,11 +43,9 @@ finished seeds).
 """
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from types import SimpleNamespace
 
@@ -59,7 +57,6 @@ sys.path.insert(0, HERE)
 import train_digits  # noqa: E402  (the recipe and the model configs)
 
 from keras_e3.deep_ensemble import DeepEnsemble  # noqa: E402
-from keras_e3.flops import count_flops  # noqa: E402
 from keras_e3.metrics import auroc  # noqa: E402
 from keras_e3.metrics import entropy_score  # noqa: E402
 from keras_e3.metrics import evaluate_predictions  # noqa: E402
@@ -67,6 +64,8 @@ from keras_e3.metrics import msp_score  # noqa: E402
 from keras_e3.metrics import mutual_information_score  # noqa: E402
 from keras_e3.metrics import softmax  # noqa: E402
 from keras_e3.data.digits import load_digits_splits  # noqa: E402
+from keras_e3.io_utils import json_safe  # noqa: E402
+from keras_e3.io_utils import write_json_atomic  # noqa: E402
 
 DEFAULT_OUT = os.path.normpath(os.path.join(
     HERE, os.pardir, "benchmarks", "results", "reproduce_digits.json"))
@@ -218,30 +217,8 @@ def table(summary, num_seeds):
 
 
 def write_json(path, payload):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".reproduce_digits.",
-                               suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False,
-                      default=lambda x: None)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _finite(x):
-    """NaN -> None (JSON has no NaN), recursively."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, payload)
 
 
 def main(argv=None):
@@ -287,7 +264,7 @@ def main(argv=None):
     }
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        payload["per_seed"][str(seed)] = _finite(
+        payload["per_seed"][str(seed)] = json_safe(
             run_seed(seed, args, data, ood))
         payload["summary"] = summarize(payload["per_seed"])
         payload["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -17,8 +17,6 @@ in the same folder, then `os.replace`) as a PNG at `path`:
     OOD score.
 """
 
-import os
-
 import numpy as np
 
 from keras_e3.io_utils import atomic_path

@@ -121,8 +121,7 @@ class EinsumDispatcher:
         x = self._lowered(x)
         mask = ops.cast(self.dispatch_mask, x.dtype)
         y = ops.einsum("gsec,gsh->egch", mask, x)
-        num_experts, capacity = y.shape[0], y.shape[2]
-        y = ops.reshape(y, (num_experts, -1, y.shape[-1]))
+        y = ops.reshape(y, (y.shape[0], -1, y.shape[-1]))
         return ops.cast(y, dtype)
 
     def combine(self, y):
@@ -162,7 +161,7 @@ class GatherDispatcher:
         self.weights = ops.take_along_axis(gates, expert_index, axis=2) * \
             ops.cast(keep, gates.dtype)
         shape = ops.shape(self.slot)
-        groups, group_size, k = shape[0], shape[1], shape[2]
+        groups, group_size = shape[0], shape[1]
         # The token of every slot, by scattering (token + 1) into the slots;
         # only the spare slot can receive several (dropped) choices.
         rows = ops.broadcast_to(
