@@ -15,7 +15,7 @@ and FLOPs per group just to move tokens. `GatherDispatcher` moves the same
 tokens with index gathers (and their scatter-add gradients): O(S·K) routing
 state, no [G, S, E, C] tensor, same capacity, same dropped tokens, same
 combine weights. `make_dispatcher` is the one place that picks an
-implementation ("auto" = the fast path on every backend).
+implementation ("auto": see `resolve_dispatcher`).
 """
 
 import math
@@ -226,11 +226,18 @@ class GatherDispatcher:
 
 
 def resolve_dispatcher(implementation):
-    """'auto' -> the fast path; anything else is checked and returned."""
+    """'auto' -> the fastest path measured for this backend
+    (benchmarks/dispatch_paths.py): gather under XLA (JAX, TensorFlow);
+    einsum on PyTorch, whose eager gathers were slower with the paper's
+    groups of 8 images. Anything else is checked and returned."""
     if implementation not in DISPATCHERS:
         raise ValueError(f"Unknown dispatcher {implementation!r}; expected "
                          f"one of {DISPATCHERS}.")
-    return "gather" if implementation == "auto" else implementation
+    if implementation == "auto":
+        import keras
+
+        return "einsum" if keras.backend.backend() == "torch" else "gather"
+    return implementation
 
 
 def make_dispatcher(gates, num_selected_experts, capacity,
