@@ -160,6 +160,10 @@ def main(argv=None):
     except (PresetError, VmoeConversionError, VmoeCheckpointError,
             ValueError) as e:
         parser.exit(1, f"keras-e3 {args.command}: {e}\n")
+    except ImportError as e:  # an optional dependency, named with its fix
+        if "pip install" not in str(e):
+            raise
+        parser.exit(1, f"keras-e3 {args.command}: {e}\n")
     return 0
 
 

@@ -150,15 +150,16 @@ def hlo_matmul_macs(hlo):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA cost analysis on JAX")
+@pytest.mark.parametrize("dispatcher", ["einsum", "gather"])
 @pytest.mark.parametrize("overrides,batch", [
     ({}, 3),  # E³: 30 token copies -> 2 routing groups, the last padded
     ({"ensemble_size": 1, "num_selected_experts": 2, "hidden_dim": 32,
       "mlp_dim": 128, "moe_layers": (0, 1)}, 4),  # V-MoE, K=2
 ])
-def test_macs_match_xla(overrides, batch):
+def test_macs_match_xla(overrides, batch, dispatcher):
     import jax
 
-    model = tiny_model(**overrides)
+    model = tiny_model(dispatcher=dispatcher, **overrides)
     images = np.zeros((batch, 16, 16, 3), "float32")
     trainable = [v.value for v in model.trainable_variables]
     other = [v.value for v in model.non_trainable_variables]
@@ -167,8 +168,10 @@ def test_macs_match_xla(overrides, batch):
         return model.stateless_call(trainable, other, images)[0]
 
     lowered = jax.jit(forward).lower(trainable, other, images)
-    counts = flops.count_flops(model, batch_size=batch, include_dispatch=True)
-    # Exact: every matmul XLA is asked to run, dispatch einsums included.
+    counts = flops.count_flops(model, batch_size=batch,
+                               include_dispatch=dispatcher == "einsum")
+    # Exact: every matmul XLA is asked to run, the einsum path's dispatch
+    # included (the gather path has none).
     assert hlo_matmul_macs(lowered.as_text()) == pytest.approx(
         counts["macs"] * batch, rel=1e-12)
     # XLA's total also counts elementwise ops (bias, GELU, softmax, norms,
