@@ -16,7 +16,7 @@ import numpy as np
 
 import keras_e3
 from keras_e3.demo import describe
-from keras_e3.finetune import load_images
+from keras_e3.data import load_images
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="e3_tiny_digits")

@@ -1,6 +1,7 @@
 """The `keras-e3` command line."""
 
 import argparse
+import json
 import os
 import sys
 
@@ -119,8 +120,6 @@ def main(argv=None):
                                 commit_message=args.message)
             print(f"uploaded {args.preset_dir} to {args.handle}: {url}")
         elif args.command == "finetune":
-            import json
-
             from keras_e3.finetune import finetune
 
             try:
@@ -137,8 +136,6 @@ def main(argv=None):
                               if k != "history"}, indent=2))
             print(f"wrote {args.out}")
         elif args.command == "predict":
-            import json
-
             from keras_e3.finetune import format_predictions
             from keras_e3.finetune import predict
 

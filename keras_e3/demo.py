@@ -47,7 +47,7 @@ def metrics_table(report, ensemble_size):
 
 def run(image_path=None, preset=DEFAULT_PRESET):
     from keras_e3.data.digits import load_digits_splits
-    from keras_e3.finetune import load_images
+    from keras_e3.data import load_images
     from keras_e3.metrics import evaluate_predictions
     from keras_e3.models import E3ViT
 

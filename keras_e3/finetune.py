@@ -9,9 +9,6 @@ import numpy as np
 
 from keras_e3.io_utils import json_safe
 
-TRAIN_MODES = ("all", "head", "all_but_experts")
-
-
 def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
              learning_rate=0.01, optimizer="sgd", train="all",
              warmup_fraction=0.1, seed=0, verbose=1):
@@ -34,6 +31,7 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
     from keras_e3.metrics import evaluate_predictions
     from keras_e3.models import E3ViT
     from keras_e3.preset_loader import load_preprocessor
+    from keras_e3.training import TRAIN_MODES
     from keras_e3.training import freeze
     from keras_e3.training import make_optimizer
     from keras_e3.training import warmup_cosine_schedule
@@ -89,32 +87,11 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
     return summary
 
 
-def load_images(paths, preprocessor):
-    """Image files -> a float32 batch for a preset's preprocessor config."""
-    import keras
-
-    from keras_e3.data import ImagePreprocessor
-
-    # Image files hold 0..255 pixels, whatever the preset's source_range
-    # (which describes its training arrays, e.g. digits' 0..16).
-    pre = ImagePreprocessor.from_config(preprocessor, source_range=(0, 255))
-    mode = {1: "grayscale", 4: "rgba"}.get(pre.num_channels, "rgb")
-    images = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"No such image file: {path!r}.")
-        try:
-            image = keras.utils.load_img(path, color_mode=mode)
-        except Exception as e:  # noqa: BLE001 - PIL's many error types
-            raise ValueError(f"Cannot read image {path!r}: {e}") from e
-        images.append(pre(keras.utils.img_to_array(image)))
-    return np.stack(images)
-
-
 def predict(preset, paths, top_k=5, batch_size=32):
     """For each image: the ensemble's top-k classes with probabilities,
     each member's top-1 class, and member disagreement (the fraction of
     members whose top-1 differs from the ensemble's)."""
+    from keras_e3.data import load_images
     from keras_e3.metrics import ensemble_probs
     from keras_e3.metrics import softmax
     from keras_e3.models import E3ViT
@@ -150,5 +127,4 @@ def format_predictions(results):
     return "\n".join(lines)
 
 
-__all__ = ["finetune", "predict", "load_images",
-           "format_predictions"]
+__all__ = ["finetune", "predict", "format_predictions"]

@@ -67,11 +67,14 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
             head = {"num_classes": num_classes}
         return cls(backbone, dtype=dtype, **head)
     preset_dir = resolve(handle)
+    # An official checkpoint's cached preset was just verified (or written)
+    # by `registry.materialize`: do not hash its weights a second time.
+    verify = card is None or card["kind"] != "vmoe_checkpoint"
     if is_backbone:
         return load_backbone(preset_dir, image_size, load_weights, dtype,
-                             overrides)
+                             overrides, verify)
     return load_task(cls, preset_dir, num_classes, image_size, load_weights,
-                     dtype, overrides)
+                     dtype, overrides, verify)
 
 
 def resolve(handle):
@@ -105,10 +108,10 @@ def _spec(preset_dir, file_name, class_name):
 
 
 def load_backbone(preset_dir, image_size=None, load_weights=True,
-                  dtype=None, overrides=None):
+                  dtype=None, overrides=None, verify=True):
     from keras_e3.models.backbone import E3ViTBackbone
 
-    if load_weights:
+    if load_weights and verify:
         preset_io.verify_preset(preset_dir)
     config = _spec(preset_dir, preset_io.CONFIG_FILE, BACKBONE_CLASS)
     config.update(overrides or {})
@@ -131,12 +134,16 @@ def load_backbone(preset_dir, image_size=None, load_weights=True,
     return backbone
 
 
+def _preprocessor_file(preset_dir):
+    """The preset's preprocessor.json, or {} if it has none."""
+    if os.path.isfile(os.path.join(preset_dir, preset_io.PREPROCESSOR_FILE)):
+        return preset_io.read_json(preset_dir, preset_io.PREPROCESSOR_FILE)
+    return {}
+
+
 def _preprocessor(preset_dir, backbone):
     """The preset's preprocessor config, for the (possibly resized) model."""
-    config = {}
-    if os.path.isfile(os.path.join(preset_dir, preset_io.PREPROCESSOR_FILE)):
-        config = preset_io.read_json(preset_dir, preset_io.PREPROCESSOR_FILE)
-    return {**preprocessor_config(backbone), **config,
+    return {**preprocessor_config(backbone), **_preprocessor_file(preset_dir),
             "image_size": list(backbone.embedding.image_size)}
 
 
@@ -161,9 +168,9 @@ def resize_backbone(backbone, image_size, method="bilinear"):
 
 
 def load_task(task_cls, preset_dir, num_classes=None, image_size=None,
-              load_weights=True, dtype=None, overrides=None):
+              load_weights=True, dtype=None, overrides=None, verify=True):
     backbone = load_backbone(preset_dir, image_size, load_weights, dtype,
-                             overrides)
+                             overrides, verify)
     head = {}
     if os.path.isfile(os.path.join(preset_dir, preset_io.TASK_CONFIG_FILE)):
         config = _spec(preset_dir, preset_io.TASK_CONFIG_FILE, TASK_CLASS)
@@ -190,11 +197,19 @@ def load_task(task_cls, preset_dir, num_classes=None, image_size=None,
     return task
 
 
-def preprocessor_config(backbone, value_range=(-1.0, 1.0)):
-    """How to feed the model (vmoe's images are RGB scaled to [-1, 1])."""
-    return {"image_size": list(backbone.embedding.image_size),
-            "num_channels": backbone.num_channels,
+def default_preprocessor(image_size, num_channels=3,
+                         value_range=(-1.0, 1.0)):
+    """How to feed a model of this input shape (vmoe's images are RGB
+    scaled to [-1, 1])."""
+    return {"image_size": list(as_pair(image_size, "image_size")),
+            "num_channels": num_channels,
             "value_range": [float(v) for v in value_range]}
+
+
+def preprocessor_config(backbone, value_range=(-1.0, 1.0)):
+    """`default_preprocessor` for `backbone`'s input shape."""
+    return default_preprocessor(backbone.embedding.image_size,
+                                backbone.num_channels, value_range)
 
 
 def save_to_preset(model, preset_dir, preprocessor=None,
@@ -226,16 +241,10 @@ def load_preprocessor(handle):
     card = registry.builtin_presets().get(handle)
     if card is not None and card["kind"] == "architecture":
         kwargs, _ = registry.architecture(card)
-        return {"image_size": list(as_pair(kwargs["image_size"],
-                                           "image_size")),
-                "num_channels": kwargs.get("num_channels", 3),
-                "value_range": [-1.0, 1.0]}
+        return default_preprocessor(kwargs["image_size"],
+                                    kwargs.get("num_channels", 3))
     preset_dir = resolve(handle)
     config = _spec(preset_dir, preset_io.CONFIG_FILE, BACKBONE_CLASS)
-    out = {"image_size": list(as_pair(config["image_size"], "image_size")),
-           "num_channels": config.get("num_channels", 3),
-           "value_range": [-1.0, 1.0]}
-    if os.path.isfile(os.path.join(preset_dir, preset_io.PREPROCESSOR_FILE)):
-        out.update(preset_io.read_json(preset_dir,
-                                       preset_io.PREPROCESSOR_FILE))
-    return out
+    return {**default_preprocessor(config["image_size"],
+                                   config.get("num_channels", 3)),
+            **_preprocessor_file(preset_dir)}

@@ -8,6 +8,7 @@ from keras_e3.data.augmentation import Augmentation
 from keras_e3.data.augmentation import make_augmentation
 from keras_e3.data.folder import load_dataset
 from keras_e3.data.folder import load_image_folder
+from keras_e3.data.folder import load_images
 from keras_e3.data.pipeline import ArrayDataset
 from keras_e3.data.pipeline import from_arrays
 from keras_e3.data.pipeline import from_directory

@@ -16,12 +16,33 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BUILTIN_DATASETS = ("digits",)
 
 
-def load_image_folder(directory, preprocessor):
-    """(images [N, H, W, C] float32, labels [N] int32, class_names)."""
+def load_images(paths, preprocessor):
+    """Image files -> a float32 batch [N, H, W, C] for a preset's
+    preprocessor config; a missing or unreadable file is a ValueError
+    naming it."""
     import keras
 
     from keras_e3.data.preprocessing import ImagePreprocessor
 
+    # Image files hold 0..255 pixels, whatever the preset's source_range
+    # (which describes its training arrays, e.g. digits' 0..16).
+    preprocess = ImagePreprocessor.from_config(preprocessor,
+                                               source_range=(0, 255))
+    mode = {1: "grayscale", 4: "rgba"}.get(preprocess.num_channels, "rgb")
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"No such image file: {path!r}.")
+        try:
+            image = keras.utils.load_img(path, color_mode=mode)
+        except Exception as e:  # noqa: BLE001 - PIL's many error types
+            raise ValueError(f"Cannot read image {path!r}: {e}") from e
+        images.append(preprocess(keras.utils.img_to_array(image)))
+    return np.stack(images)
+
+
+def load_image_folder(directory, preprocessor):
+    """(images [N, H, W, C] float32, labels [N] int32, class_names)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise ValueError(f"No such image folder: {directory!r}.")
@@ -31,11 +52,6 @@ def load_image_folder(directory, preprocessor):
     if not classes:
         raise ValueError(f"{directory!r} has no class sub-folders (expected "
                          f"{directory}/<class name>/<image files>).")
-    # Image files hold 0..255 pixels, whatever the preset's source_range
-    # (which describes its training arrays, e.g. digits' 0..16).
-    preprocess = ImagePreprocessor.from_config(preprocessor,
-                                               source_range=(0, 255))
-    mode = {1: "grayscale", 4: "rgba"}.get(preprocess.num_channels, "rgb")
     images, labels = [], []
     for label, name in enumerate(classes):
         folder = os.path.join(directory, name)
@@ -44,15 +60,10 @@ def load_image_folder(directory, preprocessor):
         if not files:
             raise ValueError(f"Class folder {folder!r} has no images "
                              f"({', '.join(IMAGE_EXTENSIONS)}).")
-        for f in files:
-            path = os.path.join(folder, f)
-            try:
-                image = keras.utils.load_img(path, color_mode=mode)
-            except Exception as e:  # noqa: BLE001 - PIL's many error types
-                raise ValueError(f"Cannot read image {path!r}: {e}") from e
-            images.append(preprocess(keras.utils.img_to_array(image)))
-            labels.append(label)
-    return np.stack(images), np.asarray(labels, np.int32), classes
+        images.append(load_images([os.path.join(folder, f) for f in files],
+                                  preprocessor))
+        labels += [label] * len(files)
+    return np.concatenate(images), np.asarray(labels, np.int32), classes
 
 
 def load_dataset(spec, preprocessor, split="test"):

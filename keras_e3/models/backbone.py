@@ -43,8 +43,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         moe_dropout_rate: dropout inside the experts.
         dispatcher: how tokens reach the experts: "auto" (default: the
             gather fast path on JAX and TensorFlow, einsum on PyTorch),
-            "gather", or "einsum" (the readable dense reference). All give the same outputs and gradients to fp32
-            rounding (see `keras_e3.layers.dispatch`).
+            "gather", or "einsum" (the readable dense reference). All
+            give the same outputs and gradients to fp32 rounding (see
+            `keras_e3.layers.dispatch`).
         dispatch_dtype: e.g. "bfloat16" to move tokens in bfloat16.
         seed: seed of the router noise.
 
