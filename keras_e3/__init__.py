@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from keras_e3 import data
+from keras_e3 import distribution
 from keras_e3 import fewshot
 from keras_e3 import flops
 from keras_e3 import layers

@@ -2,7 +2,9 @@
 
 A preset is a directory with
   config.json        the backbone (keras serialization: class_name, config)
-  model.weights.h5   the backbone's weights
+  model.weights.h5   the backbone's weights, or, when saved with
+                     `max_shard_size`, model.weights.json (Keras' shard
+                     index) + model_0000N.weights.h5 shards
   task.json          the classifier (E3ViT) config, with its backbone nested
   task.weights.h5    the classifier head's weights (head/kernel, head/bias)
   preprocessor.json  the image converter (size, value range)
@@ -29,6 +31,7 @@ from keras_e3.io_utils import default_permissions
 
 CONFIG_FILE = "config.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
+SHARDED_WEIGHTS_FILE = "model.weights.json"
 TASK_CONFIG_FILE = "task.json"
 TASK_WEIGHTS_FILE = "task.weights.h5"
 PREPROCESSOR_FILE = "preprocessor.json"
@@ -127,17 +130,27 @@ def load_head_weights(path, head):
 
 
 def save_preset(preset_dir, backbone, task=None, preprocessor=None,
-                extra_metadata=None, extra_files=None):
+                extra_metadata=None, extra_files=None, max_shard_size=None):
     """Writes a preset directory atomically (see the module docstring).
 
     `extra_files` maps more JSON file names (e.g. a training summary) to
-    their contents; they are written and checksummed with the rest."""
+    their contents; they are written and checksummed with the rest.
+    `max_shard_size` (GB): split the backbone's weights into shards of at
+    most this size (Keras' sharded format), e.g. for a model sharded over
+    devices; every shard is checksummed."""
     from keras_e3 import __version__
 
     with atomic_directory(preset_dir) as tmp:
         write_json(os.path.join(tmp, CONFIG_FILE),
                    keras.saving.serialize_keras_object(backbone))
-        backbone.save_weights(os.path.join(tmp, MODEL_WEIGHTS_FILE))
+        if max_shard_size is None:
+            backbone.save_weights(os.path.join(tmp, MODEL_WEIGHTS_FILE))
+        else:
+            if not max_shard_size > 0:
+                raise ValueError("max_shard_size must be a positive size in "
+                                 f"GB; got {max_shard_size!r}.")
+            backbone.save_weights(os.path.join(tmp, SHARDED_WEIGHTS_FILE),
+                                  max_shard_size=max_shard_size)
         if task is not None:
             write_json(os.path.join(tmp, TASK_CONFIG_FILE),
                        keras.saving.serialize_keras_object(task))
@@ -180,7 +193,11 @@ def verify_preset(preset_dir):
 
 
 def load_backbone_weights(backbone, preset_dir):
-    path = os.path.join(preset_dir, MODEL_WEIGHTS_FILE)
+    """Loads model.weights.h5, or the shards listed in model.weights.json;
+    under a `keras.distribution`, each variable takes its own layout."""
+    path = os.path.join(preset_dir, SHARDED_WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        path = os.path.join(preset_dir, MODEL_WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise PresetError(f"{path} is missing.")
     try:

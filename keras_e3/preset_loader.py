@@ -77,6 +77,23 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
                      dtype, overrides, verify)
 
 
+def abstract_model(cls, handle, **kwargs):
+    """`cls.from_preset(handle, load_weights=False, **kwargs)` with its
+    variables left uninitialised: shapes only, no memory for weights.
+
+    For models too big for this machine (e.g. `eee_h14_last5`, 2.7B
+    parameters): `count_params()`, `keras_e3.count_flops(model)` and
+    `model.summary()` work; calling the model does not (build it under
+    `keras_e3.distribution.expert_parallel(...)` for that)."""
+    import keras
+
+    if kwargs.get("load_weights"):
+        raise ValueError("An abstract model has no weights to load.")
+    kwargs["load_weights"] = False
+    with keras.StatelessScope(initialize_variables=False):
+        return from_preset(cls, handle, **kwargs)
+
+
 def resolve(handle):
     """A local preset directory for `handle`."""
     from keras_e3 import registry
@@ -213,7 +230,7 @@ def preprocessor_config(backbone, value_range=(-1.0, 1.0)):
 
 
 def save_to_preset(model, preset_dir, preprocessor=None,
-                   extra_metadata=None, extra_files=None):
+                   extra_metadata=None, extra_files=None, max_shard_size=None):
     """Writes a backbone or a classifier as a preset directory."""
     from keras_e3.models.backbone import E3ViTBackbone
 
@@ -230,7 +247,8 @@ def save_to_preset(model, preset_dir, preprocessor=None,
     return preset_io.save_preset(preset_dir, backbone, task=task,
                                  preprocessor=preprocessor,
                                  extra_metadata=metadata,
-                                 extra_files=extra_files)
+                                 extra_files=extra_files,
+                                 max_shard_size=max_shard_size)
 
 
 def load_preprocessor(handle):

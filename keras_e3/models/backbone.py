@@ -6,6 +6,7 @@ from keras import ops
 from keras_e3.layers.embedding import PatchAndPositionEmbedding
 from keras_e3.layers.encoder_block import LAYER_NORM_EPSILON
 from keras_e3.layers.encoder_block import EncoderBlock
+from keras_e3.distribution import check_num_experts
 from keras_e3.layers.ensemble import EnsembleTile
 from keras_e3.models.preset_mixin import PresetMixin
 
@@ -68,6 +69,8 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
         _validate(num_layers, classifier, num_experts, moe_layers,
                   num_selected_experts, ensemble_size)
+        if moe_layers:  # experts split evenly over a distribution's devices
+            check_num_experts(num_experts)
         # === Layers ===
         embedding = PatchAndPositionEmbedding(
             image_size, patch_size, hidden_dim, num_channels,

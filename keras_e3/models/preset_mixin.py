@@ -17,12 +17,24 @@ class PresetMixin:
 
         return from_preset(cls, preset, **kwargs)
 
+    @classmethod
+    def abstract_from_preset(cls, preset, **kwargs):
+        """The preset's architecture with shapes but no weight memory, to
+        count the parameters and FLOPs of models too big to instantiate
+        (see `keras_e3.preset_loader.abstract_model`)."""
+        from keras_e3.preset_loader import abstract_model
+
+        return abstract_model(cls, preset, **kwargs)
+
     def save_to_preset(self, preset_dir, preprocessor=None,
-                       extra_metadata=None, extra_files=None):
+                       extra_metadata=None, extra_files=None,
+                       max_shard_size=None):
         """Writes a preset directory (keras-hub's layout) atomically, with
-        the sha256 of every file in metadata.json."""
+        the sha256 of every file in metadata.json. `max_shard_size` (GB)
+        splits the weights into shards (Keras' sharded weights format)."""
         from keras_e3.preset_loader import save_to_preset
 
         return save_to_preset(self, preset_dir, preprocessor=preprocessor,
                               extra_metadata=extra_metadata,
-                              extra_files=extra_files)
+                              extra_files=extra_files,
+                              max_shard_size=max_shard_size)

@@ -1,0 +1,143 @@
+"""Expert and data parallelism with Keras' own engine (`keras.distribution`).
+
+A V-MoE / E³ outgrows one device through its experts: every MoE layer holds
+E stacked expert MLPs ([E, H, mlp] and [E, mlp, H] kernels). `expert_parallel`
+shards them along a mesh axis named "expert" and the batch along a "batch"
+axis; everything else (attention, embeddings, routers, head) is replicated.
+Routing needs no special code: the MoE layer's expert buffers [E, G*C, H]
+are laid out along the same axes, and XLA's sharding propagation moves the
+tokens between devices (the all-to-all of GShard/vmoe).
+
+    import keras_e3
+    from keras_e3 import distribution as e3_dist
+
+    dist = e3_dist.expert_parallel(batch=2, expert=4)  # 8 devices
+    with dist.scope():
+        model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
+        model.compile(...)
+    model.fit(...)
+
+`data_parallel()` replicates the model (plain data parallelism). Both need
+the JAX backend (Keras' ModelParallel); on TensorFlow, `tf_data_parallel()`
+gives a `tf.distribute.MirroredStrategy`. For several hosts, call
+`keras.distribution.initialize()` first on every host (see the README).
+"""
+
+import keras
+from keras import distribution as kd
+
+BATCH_AXIS = "batch"
+EXPERT_AXIS = "expert"
+# The stacked expert weights of `keras_e3.layers.mlp.ExpertsMlp`, by rank.
+_EXPERT_WEIGHTS = {r"kernel_[01]": 3, r"bias_[01]": 2}
+_EXPERT_PATH = r"(.*/)?experts/"
+
+
+def device_mesh(batch=None, expert=None, devices=None):
+    """A 2-D `DeviceMesh` with axes ("batch", "expert").
+
+    Give either size (the other is inferred from the number of devices) or
+    both; by default every device is on the expert axis.
+    """
+    devices = list(kd.list_devices() if devices is None else devices)
+    count = len(devices)
+    if batch is None and expert is None:
+        batch = 1
+    for name, size in (("batch", batch), ("expert", expert)):
+        if size is not None and (size < 1 or count % size):
+            raise ValueError(
+                f"A mesh axis {name}={size} does not divide the {count} "
+                "devices available (pass devices=... to use fewer).")
+    batch = count // expert if batch is None else batch
+    expert = count // batch if expert is None else expert
+    if batch * expert != count:
+        raise ValueError(
+            f"A mesh of batch={batch} x expert={expert} needs "
+            f"{batch * expert} devices; {count} are available (pass "
+            "devices=... to use fewer).")
+    return kd.DeviceMesh((batch, expert), (BATCH_AXIS, EXPERT_AXIS), devices)
+
+
+def expert_layout_map(mesh):
+    """A `LayoutMap` sharding every MoE layer's experts along "expert".
+
+    Expert kernels and biases are split on their leading (expert) axis; the
+    expert buffers (the experts layer's output [E, G*C, H]) along "expert"
+    and their token rows along "batch". Unlisted variables are replicated.
+    """
+    layout_map = kd.LayoutMap(mesh)
+    for name, rank in _EXPERT_WEIGHTS.items():
+        layout_map[_EXPERT_PATH + name] = (EXPERT_AXIS,) + (None,) * (rank - 1)
+    layout_map[_EXPERT_PATH + "output"] = (EXPERT_AXIS, BATCH_AXIS, None)
+    return layout_map
+
+
+def expert_parallel(batch=None, expert=None, devices=None):
+    """`ModelParallel` over a ("batch", "expert") mesh: experts sharded,
+    batch split. Use as `with expert_parallel(...).scope(): build model`."""
+    _require_jax("expert_parallel")
+    mesh = device_mesh(batch, expert, devices)
+    return kd.ModelParallel(layout_map=expert_layout_map(mesh),
+                            batch_dim_name=BATCH_AXIS)
+
+
+def data_parallel(devices=None):
+    """`DataParallel`: the model replicated, the batch split over devices."""
+    _require_jax("data_parallel")
+    return kd.DataParallel(devices=list(kd.list_devices()
+                                        if devices is None else devices))
+
+
+def tf_data_parallel(devices=None):
+    """`tf.distribute.MirroredStrategy` for the TensorFlow backend: build
+    and compile the model inside `strategy.scope()`, then `fit` as usual."""
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("tf_data_parallel needs KERAS_BACKEND=tensorflow; "
+                           f"the backend is {keras.backend.backend()!r}.")
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def expert_axis_size(distribution=None):
+    """How many devices the experts are split over under `distribution`
+    (default: the active one); 1 when experts are not sharded."""
+    distribution = distribution or kd.distribution()
+    layout = None
+    if isinstance(distribution, kd.ModelParallel):
+        layout = distribution.get_tensor_layout("experts/kernel_0")
+    if layout is None or layout.axes[0] is None:
+        return 1
+    mesh = layout.device_mesh
+    return mesh.shape[mesh.axis_names.index(layout.axes[0])]
+
+
+def check_num_experts(num_experts, distribution=None):
+    """Raises a ValueError if the experts cannot be split evenly over the
+    active distribution's expert axis."""
+    size = expert_axis_size(distribution)
+    if num_experts and num_experts % size:
+        raise ValueError(
+            f"num_experts={num_experts} cannot be sharded over an expert "
+            f"axis of {size} devices: it must be a multiple of {size}.")
+
+
+def variable_shardings(model):
+    """{variable path: sharding spec} of a model built under a distribution
+    (a tuple of mesh axis names or None per dimension; JAX only)."""
+    specs = {}
+    for variable in model.variables:
+        sharding = getattr(variable.value, "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is not None:
+            spec = tuple(spec) + (None,) * (len(variable.shape) - len(spec))
+        specs[variable.path] = spec
+    return specs
+
+
+def _require_jax(what):
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            f"{what} uses keras.distribution, which shards models on the "
+            f"JAX backend only (the backend is {keras.backend.backend()!r}). "
+            "On TensorFlow use keras_e3.distribution.tf_data_parallel().")
