@@ -55,3 +55,21 @@ def test_evaluate_finetuned(tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["preset"] == str(tmp_path / "preset")
     assert (tmp_path / "report" / "routing_maps.png").is_file()
+
+
+@pytest.mark.single_backend
+def test_train_expert_parallel(tmp_path):
+    pytest.importorskip("jax")
+    out = run_example("train_expert_parallel.py", "--batch-axis", "2",
+                      "--expert-axis", "4", "--epochs", "1", "--train-size",
+                      "128", "--batch-size", "32", "--out",
+                      str(tmp_path / "preset"))
+    report = json.loads(out)
+    assert report["devices"] == 8
+    assert report["expert_kernel"]["sharding"] == ["expert", None, None]
+    assert report["expert_kernel"]["experts_per_device"] == 2
+    assert np.isfinite(report["loss"][0])
+    import keras_e3
+
+    model = keras_e3.E3ViT.from_preset(str(tmp_path / "preset"))
+    assert model.backbone.num_experts == 8
