@@ -141,3 +141,31 @@ def _require_jax(what):
             f"{what} uses keras.distribution, which shards models on the "
             f"JAX backend only (the backend is {keras.backend.backend()!r}). "
             "On TensorFlow use keras_e3.distribution.tf_data_parallel().")
+
+
+def parameter_bytes_per_device(model, distribution=None):
+    """Bytes of weights each device holds under `distribution` (default:
+    the active one), from the layouts alone: works on an abstract model
+    (`E3ViT.abstract_from_preset`) to plan a mesh before building it."""
+    distribution = distribution or kd.distribution()
+    total = 0
+    for variable in model.weights:
+        shape = list(variable.shape)
+        layout = (distribution.get_variable_layout(variable)
+                  if distribution is not None else None)
+        if layout is not None:
+            mesh = layout.device_mesh or distribution.device_mesh
+            for i, axis in enumerate(layout.axes):
+                if axis is not None:
+                    shape[i] = -(-shape[i] // mesh.shape[
+                        mesh.axis_names.index(axis)])
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count * _dtype_bytes(variable.dtype)
+    return total
+
+
+def _dtype_bytes(dtype):
+    bits = "".join(c for c in str(dtype) if c.isdigit())
+    return int(bits) // 8 if bits else 1

@@ -181,3 +181,25 @@ def test_sharded_preset_round_trip_and_damage(tmp_path, rng):
     with pytest.raises(ValueError, match="max_shard_size"):
         model.save_to_preset(tmp_path / "bad", max_shard_size=0)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.single_backend
+def test_parameter_bytes_per_device_from_layouts():
+    """Planned from an abstract model and a mesh of device names: only the
+    expert weights are divided by the expert axis."""
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution runs on JAX")
+    from keras import distribution as kd
+
+    model = keras_e3.E3ViT.abstract_from_preset("eee_h14_last5")
+    total = 4 * model.count_params()
+    experts = 4 * sum(int(np.prod(v.shape)) for v in model.weights
+                      if "/experts/" in v.path)
+    assert e3_dist.parameter_bytes_per_device(model) == total
+    mesh = kd.DeviceMesh((2, 8), ("batch", "expert"),
+                         [f"cpu:{i}" for i in range(16)])
+    dist = kd.ModelParallel(layout_map=e3_dist.expert_layout_map(mesh),
+                            batch_dim_name="batch")
+    assert e3_dist.parameter_bytes_per_device(model, dist) == \
+        total - experts + experts // 8
+    assert e3_dist.expert_axis_size(dist) == 8
