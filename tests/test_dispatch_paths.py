@@ -93,6 +93,73 @@ def test_bfloat16_dispatch_equal(rng):
                                   to_numpy(einsum.dispatch(x)))
 
 
+def gradients(fn, args, jit):
+    """Gradients of the scalar fn(*args) with respect to every arg."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        grad = jax.grad(fn, argnums=tuple(range(len(args))))
+        return [to_numpy(g) for g in (jax.jit(grad) if jit else grad)(*args)]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def grad(*args):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                value = fn(*args)
+            return tape.gradient(value, args)
+
+        if jit:
+            grad = tf.function(grad, jit_compile=True)
+        return [to_numpy(g) for g in grad(*map(tf.constant, args))]
+    import torch
+
+    args = [torch.tensor(a, requires_grad=True) for a in args]
+    fn(*args).backward()
+    return [to_numpy(a.grad) for a in args]
+
+
+@pytest.mark.parametrize("jit", [
+    False, pytest.param(True, marks=[pytest.mark.jit, pytest.mark.skipif(
+        keras.backend.backend() == "torch", reason="XLA: JAX, TensorFlow")])])
+@pytest.mark.parametrize("k,capacity,bpr,padded,dtype", [
+    (1, 4, False, False, None), (2, 4, True, False, None),
+    (2, 8, False, True, None), (2, 8, True, False, "bfloat16")])
+def test_gather_gradients_equal_einsum(rng, jit, k, capacity, bpr, padded,
+                                       dtype):
+    """Gradients through dispatch, combine (with respect to the expert
+    outputs directly) and the gates (the combine weights) agree, dropped
+    and padding tokens included."""
+    valid = None
+    if padded:
+        valid = np.ones((3, 24), bool)
+        valid[-1, 10:] = False
+        valid = keras.ops.convert_to_tensor(valid)
+    logits = rng.normal(size=(3, 24, 8)).astype("float32")
+    x = rng.normal(size=(3, 24, 5)).astype("float32")
+    y = rng.normal(size=(8, 3 * capacity, 5)).astype("float32")
+    target = rng.normal(size=(3, 24, 5)).astype("float32")
+
+    def loss(implementation):
+        def fn(logits, x, y):
+            gates = keras.ops.softmax(logits)
+            dispatcher = make_dispatcher(
+                gates, k, capacity, bpr, valid, implementation=implementation,
+                dtype=dtype)
+            expert_outputs = keras.ops.tanh(dispatcher.dispatch(x)) + y
+            return keras.ops.sum(keras.ops.multiply(
+                dispatcher.combine(expert_outputs), target))
+
+        return fn
+
+    gather = gradients(loss("gather"), (logits, x, y), jit)
+    einsum = gradients(loss("einsum"), (logits, x, y), jit)
+    for name, a, b in zip(("gates", "x", "expert outputs"), gather, einsum):
+        assert np.abs(b).max() > 0.1, name
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(num_selected_experts=2, ensemble_size=1, capacity_factor=0.5),
     dict(batch_priority=True, capacity_factor=0.5),
