@@ -1,162 +1,253 @@
-"""Inference and training speed of the dispatch paths, side by side.
+"""Inference and training speed (and memory on JAX) of the dispatch paths.
 
     KERAS_BACKEND=jax python benchmarks/dispatch_paths.py [--quick]
         [--out benchmarks/results/dispatch_paths_jax.json]
 
 For the paper's S/32 shapes (224px, width 512, 8 layers, 8 heads, MLP
 2048, 8 experts in the last 2 odd blocks; V-MoE K=2 cf 1.05, E³ M=2 K=1
-cf 1.5) and a dense ViT, at batch 32 and 128, with routing groups of 8
-images (the paper's configs) and of the whole batch: the median time of
-repeated jit-compiled calls (warm-up excluded) per dispatch path, the
-model's own FLOPs per image (keras_e3.flops) and the useful GFLOP/s as a
-fraction of a jit-compiled fp32 matmul peak measured in the same run.
-Prints JSON (and writes it with --out). Not a test: timings depend on the
-machine; compare rows of one run only.
+cf 1.5), a dense ViT and a deep ensemble of two V-MoE S/32
+(`de2_vmoe_s32`: independently initialised, prediction log mean softmax,
+both members in one compiled call), at batch 32 and 128, with routing
+groups of 8 images (the paper's configs) and of the whole batch: per
+dispatch path, the median time of repeated compiled calls (warm-up
+excluded) of inference and of a training step (SGD), the model's own
+FLOPs per image (keras_e3.flops), the useful GFLOP/s as a fraction of a
+compiled fp32 matmul peak measured in the same run and, on JAX, the
+compiled memory of both calls (`memory_analysis()`: temp, argument,
+output bytes; peak = their sum less donated buffers).
+
+Backends: JAX (`jax.jit`; the training step is Keras' own `train_step`,
+compiled ahead of time with the state donated, as `fit` does),
+TensorFlow (XLA, `jit_compile=True`; training with `train_on_batch`) and
+PyTorch (eager; inference under `no_grad`). Prints JSON (and writes it
+with --out). Not a test: timings depend on the machine; compare rows of
+one run only.
 """
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import time
 
 import keras
 import numpy as np
+from keras import ops
 
 import keras_e3
-from keras_e3.io_utils import write_json_atomic
+from _common import backend
+from _common import block
+from _common import compile_call
+from _common import emit
+from _common import emit_row
+from _common import matmul_peak
+from _common import run_info
+from _common import timed
 
 S32 = dict(image_size=224, patch_size=32, hidden_dim=512, num_layers=8,
            num_heads=8, mlp_dim=2048, representation_size=512)
+VMOE_S32 = dict(S32, num_experts=8, moe_layers=(5, 7),
+                num_selected_experts=2, capacity_factor=1.05)
+E3_S32 = dict(S32, num_experts=8, moe_layers=(5, 7), num_selected_experts=1,
+              ensemble_size=2, capacity_factor=1.5)
+# name: (backbone config, independently initialised members, routing
+# groups measured). The deep ensemble is compared with E³ at the paper's
+# groups of 8 images only.
 MODELS = {
-    "vit_s32": dict(S32),
-    "vmoe_s32": dict(S32, num_experts=8, moe_layers=(5, 7),
-                     num_selected_experts=2, capacity_factor=1.05),
-    "e3_s32": dict(S32, num_experts=8, moe_layers=(5, 7),
-                   num_selected_experts=1, ensemble_size=2,
-                   capacity_factor=1.5),
+    "vit_s32": (S32, 1, ("8", "batch")),
+    "vmoe_s32": (VMOE_S32, 1, ("8", "batch")),
+    "e3_s32": (E3_S32, 1, ("8", "batch")),
+    "de2_vmoe_s32": (VMOE_S32, 2, ("8",)),
 }
+TOKENS_PER_IMAGE = 50  # (224 / 32)^2 patches + class token
+NUM_CLASSES = 1000
 
 
-def timed(fn, repeats):
-    fn()  # warm-up (compilation)
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def build(config, members, dispatcher, images_per_group):
+    """The member models (seeds 0, 1, ...) of one benchmark row."""
+    kwargs = dict(config)
+    if kwargs.get("num_experts"):
+        tokens = TOKENS_PER_IMAGE * kwargs.get("ensemble_size", 1)
+        kwargs.update(dispatcher=dispatcher,
+                      group_size=images_per_group * tokens)
+    models = []
+    for seed in range(members):
+        keras.utils.set_random_seed(seed)
+        models.append(keras_e3.E3ViT(keras_e3.E3ViTBackbone(**kwargs),
+                                     num_classes=NUM_CLASSES))
+    return models
 
 
-def matmul_peak(repeats):
-    """GFLOP/s of a jit-compiled fp32 2048^3 matmul on this backend."""
-    n = 2048
-    a = keras.random.normal((n, n))
-    b = keras.random.normal((n, n))
-    if keras.backend.backend() == "jax":
-        import jax
+def prediction(logits):
+    """A single model's logits; an ensemble's (E³ members and/or several
+    models) log mean softmax [B, C]."""
+    if len(logits) == 1 and len(logits[0].shape) == 2:
+        return logits[0]
+    members = [ops.reshape(x, (x.shape[0], -1, NUM_CLASSES)) for x in logits]
+    return keras_e3.ensemble_log_probs(ops.concatenate(members, axis=1))
 
-        f = jax.jit(lambda x, y: x @ y)
-        run = lambda: f(a, b).block_until_ready()  # noqa: E731
-    elif keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
 
-        f = tf.function(lambda x, y: x @ y, jit_compile=True)
-        run = lambda: f(a, b).numpy()  # noqa: E731
+def inference_call(models, images):
+    """(run, memory): run() predicts `images` in one compiled call."""
+    if backend() == "jax":
+        states = [([v.value for v in m.trainable_variables],
+                   [v.value for v in m.non_trainable_variables])
+                  for m in models]
+
+        def fn(states, x):
+            return prediction([m.stateless_call(t, n, x)[0]
+                               for m, (t, n) in zip(models, states)])
+        args = (states, images)
     else:
-        run = lambda: keras.ops.convert_to_numpy(a @ b)  # noqa: E731
-    return 2 * n ** 3 / timed(run, repeats) / 1e9
+        def fn(x):
+            return prediction([m(x, training=False) for m in models])
+        args = (images,)
+    call, memory = compile_call(fn, *args)
+    return lambda: block(call(*args)), memory
 
 
-def predict_fn(model, images):
-    """A compiled inference call that returns when the result is ready."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
+def train_call(models, images, labels):
+    """(run, memory): run() is one SGD training step of every model."""
+    for model in models:
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), metrics=None,
+                      jit_compile=backend() != "torch")
+    if backend() != "jax":
+        return lambda: [m.train_on_batch(images, labels)
+                        for m in models], None
+    data = (images, labels, None)
+    states = []
+    for model in models:
+        model._symbolic_build(data_batch=data)  # loss and optimizer state
+        # Copies: the donated buffers must not be the model's own.
+        states.append(tuple([v.value.copy() for v in variables] for variables
+                            in (model.trainable_variables,
+                                model.non_trainable_variables,
+                                model.optimizer.variables,
+                                model.metrics_variables)))
 
-        state = [v.value for v in model.trainable_variables], \
-            [v.value for v in model.non_trainable_variables]
-        f = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
-        return lambda: f(*state, images).block_until_ready()
-    if backend == "tensorflow":
-        import tensorflow as tf
+    def fn(states, data):
+        return [m.train_step(s, data)[1] for m, s in zip(models, states)]
+    call, memory = compile_call(fn, states, data, donate_argnums=0)
 
-        f = tf.function(lambda x: model(x, training=False), jit_compile=True)
-        return lambda: f(images).numpy()
-    return lambda: keras.ops.convert_to_numpy(model(images, training=False))
+    def run():
+        states[:] = block(call(states, data))
+    return run, memory
 
 
-def train_fn(model, images, labels):
-    model.compile(optimizer=keras.optimizers.SGD(1e-3), metrics=None,
-                  jit_compile=keras.backend.backend() != "torch")
-    return lambda: model.train_on_batch(images, labels)
+def measure(make_call, repeats, prefix, batch):
+    """Timing (and memory) fields of one compiled call, keys prefixed:
+    `_ms` (median), `_setup_s` (building and compiling the call, then the
+    warm-up call; on TensorFlow and PyTorch the compilation or tracing
+    happens in the warm-up call)."""
+    start = time.perf_counter()
+    run, memory = make_call()
+    build = time.perf_counter() - start
+    seconds, first = timed(run, repeats)
+    setup = build + first
+    fields = {f"{prefix}_ms": round(1e3 * seconds, 1),
+              f"{prefix}_images_per_s": round(batch / seconds, 1),
+              f"{prefix}_setup_s": round(setup, 1)}
+    for key, value in (memory or {}).items():
+        fields[f"{prefix}_{key}_bytes"] = value
+    return fields, seconds
+
+
+def group_settings(config, model_groups, args, batch):
+    """(images per group, "8" or "batch") of the rows of one model."""
+    if not config.get("num_experts"):
+        return [(None, "-")]
+    wanted = [g for g in args.groups if g in model_groups]
+    return sorted({(8 if g == "8" else batch, g) for g in wanted})
+
+
+def rows_for(name, batch, images, labels, args, peak):
+    config, members, model_groups = MODELS[name]
+    moe = bool(config.get("num_experts"))
+    train = batch in args.train_batches and name in args.train_models
+    for images_per_group, label in group_settings(config, model_groups, args,
+                                                  batch):
+        for dispatcher in (args.dispatchers if moe else ["-"]):
+            models = build(config, members, dispatcher, images_per_group)
+            useful = sum(keras_e3.count_flops(m)["flops"]
+                         for m in models) / 1e9
+            row = dict(model=name, batch=batch, members=members,
+                       images_per_group=images_per_group,
+                       dispatcher=dispatcher,
+                       gflops_per_image=round(useful, 3))
+            fields, seconds = measure(lambda: inference_call(models, images),
+                                      args.repeats, "infer", batch)
+            row.update(fields)
+            rate = useful * batch / seconds
+            row.update(infer_useful_gflops_per_s=round(rate, 1),
+                       infer_peak_fraction=round(rate / peak, 3))
+            if train and label in ("-", *args.train_groups):
+                fields, _ = measure(lambda: train_call(models, images,
+                                                       labels),
+                                    args.train_repeats, "train", batch)
+                row.update(fields)
+            elif args.train_memory and backend() == "jax":
+                _, memory = train_call(models, images, labels)
+                row.update({f"train_{k}_bytes": v for k, v in memory.items()})
+            emit_row(row)
+            yield row
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: batch 8 (one group of 8 images), "
+                        "inference and training, 1 repeat")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--groups", nargs="+", default=["8", "batch"],
+                        choices=["8", "batch"],
+                        help="routing groups of 8 images and/or the batch")
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        choices=list(MODELS))
+    parser.add_argument("--dispatchers", nargs="+",
+                        default=["einsum", "gather"])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed inference calls (median)")
+    parser.add_argument("--train-repeats", type=int, default=2,
+                        help="timed training steps (median)")
+    parser.add_argument("--train-batches", type=int, nargs="*",
+                        help="batches with a training step (default: all)")
+    parser.add_argument("--train-groups", nargs="*", choices=["8", "batch"],
+                        help="group settings with a training step "
+                        "(default: --groups)")
+    parser.add_argument("--train-models", nargs="*", choices=list(MODELS),
+                        help="models with a training step (default: all)")
+    parser.add_argument("--train-memory", action="store_true",
+                        help="JAX: compile the training step of the rows "
+                        "without a timed step too, for its memory")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.groups = [8], ["8"]
+        args.repeats = args.train_repeats = 1
+    for name, default in (("train_batches", args.batches),
+                          ("train_groups", args.groups),
+                          ("train_models", args.models)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true",
-                        help="batch 32 only, inference only, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dispatchers", nargs="+",
-                        default=["einsum", "gather"])
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    repeats = 3 if args.quick else args.repeats
-    batches = (32,) if args.quick else (32, 128)
+    args = parse(argv)
     rng = np.random.default_rng(0)
+    peak = matmul_peak(max(5, args.repeats))
     rows = []
-    peak = matmul_peak(repeats)
-    for batch in batches:
-        images = rng.uniform(-1, 1, (batch, 224, 224, 3)).astype("float32")
-        labels = rng.integers(0, 1000, batch)
-        for name, config in MODELS.items():
-            moe = bool(config.get("num_experts"))
-            group_images = (8, batch) if moe else (None,)
-            for images_per_group in group_images:
-                for dispatcher in (args.dispatchers if moe else ["-"]):
-                    kwargs = dict(config)
-                    if moe:
-                        tokens = 50 * kwargs.get("ensemble_size", 1)
-                        kwargs.update(dispatcher=dispatcher,
-                                      group_size=images_per_group * tokens)
-                    keras.utils.set_random_seed(0)
-                    model = keras_e3.E3ViT(keras_e3.E3ViTBackbone(**kwargs),
-                                           num_classes=1000)
-                    counts = keras_e3.count_flops(model)
-                    useful = counts["flops"] / 1e9
-                    row = dict(model=name, batch=batch,
-                               images_per_group=images_per_group,
-                               dispatcher=dispatcher,
-                               gflops_per_image=round(useful, 3))
-                    seconds = timed(predict_fn(model, images), repeats)
-                    row.update(
-                        infer_ms=round(1e3 * seconds, 1),
-                        infer_images_per_s=round(batch / seconds, 1),
-                        infer_useful_gflops_per_s=round(
-                            useful * batch / seconds, 1),
-                        infer_peak_fraction=round(
-                            useful * batch / seconds / peak, 3))
-                    if not args.quick:
-                        seconds = timed(train_fn(model, images, labels),
-                                        max(2, repeats // 2))
-                        row.update(train_ms=round(1e3 * seconds, 1),
-                                   train_images_per_s=round(
-                                       batch / seconds, 1))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    result = {
-        "backend": keras.backend.backend(),
-        "keras": keras.version(), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "matmul_peak_gflops_per_s": round(peak, 1),
-        "repeats": repeats, "rows": rows,
-    }
-    print(json.dumps(result, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)),
-                    exist_ok=True)
-        write_json_atomic(args.out, result)
+    for batch in args.batches:
+        images = ops.convert_to_tensor(
+            rng.uniform(-1, 1, (batch, 224, 224, 3)).astype("float32"))
+        labels = ops.convert_to_tensor(rng.integers(0, NUM_CLASSES, batch))
+        for name in args.models:
+            rows += rows_for(name, batch, images, labels, args, peak)
+    result = run_info(
+        benchmark="dispatch_paths", quick=args.quick,
+        matmul_peak_gflops_per_s=round(peak, 1), repeats=args.repeats,
+        train_repeats=args.train_repeats, train_batches=args.train_batches,
+        train_groups=args.train_groups, train_models=args.train_models,
+        memory="compiled memory_analysis" if backend() == "jax"
+        else "not measured on this backend", rows=rows)
+    emit(result, args.out)
     return result
 
 

@@ -1,0 +1,154 @@
+"""Helpers shared by the benchmark scripts: timing, the matmul peak,
+compiled calls per backend (with JAX's compiled memory analysis), run
+metadata and JSON output.
+
+Timing rule: a warm-up call (compilation, first allocations) is never
+timed; the result is the median of `repeats` further calls, each waiting
+until its result is ready.
+
+Keras is imported only where needed, so that run_all.py and report.py
+(which only read and write JSON) start without a backend.
+"""
+
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATMUL_SIZE = 2048
+
+
+def write_json_atomic(path, data):
+    """`keras_e3.io_utils.write_json_atomic`, loaded from its file: the
+    `keras_e3` package itself imports Keras."""
+    spec = importlib.util.spec_from_file_location(
+        "_keras_e3_io_utils", os.path.join(ROOT, "keras_e3", "io_utils.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_json_atomic(path, data)
+
+
+def backend():
+    import keras
+
+    return keras.backend.backend()
+
+
+def timed(run, repeats, warmup=1):
+    """(median seconds of `repeats` calls of run(), seconds of the first
+    warm-up call)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first
+
+
+def block(tree):
+    """Waits until every array in `tree` is computed: JAX dispatches
+    asynchronously; TensorFlow's tensors are read back (as the original
+    benchmark did); PyTorch on CPU returns finished tensors."""
+    name = backend()
+    if name == "jax":
+        import jax
+
+        return jax.block_until_ready(tree)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.nest.map_structure(lambda t: t.numpy(), tree)
+    return tree
+
+
+def memory_fields(compiled):
+    """Bytes of a compiled JAX executable (`memory_analysis()`): temp,
+    argument, output, alias (outputs reusing donated arguments) and
+    peak = temp + argument + output - alias. Deterministic: no load or
+    allocator effects."""
+    stats = compiled.memory_analysis()
+    fields = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
+              for name in ("temp", "argument", "output", "alias")}
+    fields["peak"] = (fields["temp"] + fields["argument"] + fields["output"]
+                      - fields["alias"])
+    return fields
+
+
+def compile_call(fn, *args, donate_argnums=()):
+    """fn compiled for this backend, and its memory on JAX.
+
+    Returns (call, memory): call(*args) runs the compiled function
+    (JAX: ahead-of-time `jit(fn).lower(*args).compile()`, reused for
+    timing; TensorFlow: `tf.function(jit_compile=True)`, XLA; PyTorch:
+    eager under `torch.no_grad()`); memory is `memory_fields` on JAX and
+    None elsewhere (not measured).
+    """
+    name = backend()
+    if name == "jax":
+        import jax
+
+        compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(
+            *args).compile()
+        return compiled, memory_fields(compiled)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True), None
+    import torch
+
+    def call(*call_args):
+        with torch.no_grad():
+            return fn(*call_args)
+
+    return call, None
+
+
+def matmul_peak(repeats=5):
+    """GFLOP/s of a compiled fp32 2048^3 matmul on this backend (PyTorch:
+    eager), the reference for the useful-FLOP rates: median of `repeats`
+    calls (about 0.1 s each) after a warm-up."""
+    import keras
+
+    n = MATMUL_SIZE
+    a = keras.random.normal((n, n))
+    b = keras.random.normal((n, n))
+    call, _ = compile_call(lambda x, y: x @ y, a, b)
+    seconds, _ = timed(lambda: block(call(a, b)), repeats)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def run_info(**extra):
+    """Backend, library versions and machine of this run."""
+    import keras
+
+    name = backend()
+    module = {"jax": "jax", "tensorflow": "tensorflow",
+              "torch": "torch"}.get(name)
+    version = None
+    if module:
+        version = getattr(__import__(module), "__version__", None)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return dict(backend=name, backend_version=version,
+                keras=keras.version(), python=platform.python_version(),
+                machine=platform.machine(), cpus=os.cpu_count(),
+                load_average_1min=load, **extra)
+
+
+def emit(result, out=None):
+    """Prints `result` as JSON; with `out`, also writes it atomically."""
+    print(json.dumps(result, indent=1), flush=True)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        write_json_atomic(out, result)
+
+
+def emit_row(row):
+    """One progress line per measured row (JSON), as it is measured."""
+    print(json.dumps(row), flush=True)

@@ -1,0 +1,390 @@
+"""Renders the benchmark JSONs as Markdown tables into PERFORMANCE.md.
+
+    python benchmarks/report.py [--quick] [--results-dir benchmarks/results]
+        [--doc PERFORMANCE.md] [--print]
+
+Reads `dispatch_paths_<backend>.json`, `dispatch_scaling_<backend>.json`
+and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
+benchmarks/results/quick/, the smoke run's) and replaces the text
+between the markers `<!-- results:start -->` and `<!-- results:end -->`
+of the document (--print: print it instead). Every comparison (fast
+path vs einsum, a backend vs JAX, E³ vs the deep ensemble, memory at
+E=64 vs E=8) and every target's status is computed here from the JSON,
+nothing by hand.
+"""
+
+import argparse
+import json
+import os
+
+from _common import ROOT
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ("jax", "tensorflow", "torch")
+NAMES = {"jax": "JAX", "tensorflow": "TensorFlow (XLA)",
+         "torch": "PyTorch (eager)", "vit_s32": "ViT S/32",
+         "vmoe_s32": "V-MoE S/32", "e3_s32": "E³ S/32",
+         "de2_vmoe_s32": "2 × V-MoE S/32 (deep ensemble)"}
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+DASH = "–"
+
+
+def load(results_dir, name):
+    """{backend: result} of the `<name>_<backend>.json` files."""
+    out = {}
+    for backend in BACKENDS:
+        path = os.path.join(results_dir, f"{name}_{backend}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[backend] = json.load(f)
+    return out
+
+
+def num(x, digits=None):
+    """Compact number: 3 significant digits below 100, else an integer."""
+    if x is None:
+        return DASH
+    if digits is not None:
+        return f"{x:.{digits}f}"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def mib(n):
+    return DASH if n is None else f"{n / 2 ** 20:.1f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def times(x):
+    return DASH if x is None else f"{x:.2f}×"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def key(row):
+    return (row["model"], row["batch"], row.get("images_per_group"),
+            row["dispatcher"])
+
+
+def group_label(row):
+    return row.get("images_per_group") or DASH
+
+
+def dispatch_label(row):
+    return DASH if row["dispatcher"] == "-" else row["dispatcher"]
+
+
+def runs_table(paths, scaling, durations):
+    seconds = {(d["script"], d["backend"]): d["seconds"]
+               for d in durations.get("steps", [])}
+    rows = []
+    for label, results, script in (("dispatch_paths", paths,
+                                    "dispatch_paths.py"),
+                                   ("dispatch_scaling", scaling,
+                                    "dispatch_scaling.py")):
+        for backend, r in results.items():
+            rows.append([label, NAMES[backend],
+                         r.get("backend_version") or DASH, r.get("keras"),
+                         r.get("cpus"), num(r.get("load_average_1min")),
+                         num(r.get("matmul_peak_gflops_per_s")),
+                         r.get("repeats"), r.get("train_repeats", DASH),
+                         num(seconds.get((script, backend)))])
+    return table(["benchmark", "backend", "version", "Keras", "CPUs",
+                  "load (1 min) at end", "matmul peak GFLOP/s",
+                  "repeats", "train repeats", "run s"], rows)
+
+
+def paths_table(result):
+    rows = []
+    for r in result["rows"]:
+        rate = r.get("infer_useful_gflops_per_s")
+        share = r.get("infer_peak_fraction")
+        rows.append([
+            NAMES.get(r["model"], r["model"]), r["batch"], group_label(r),
+            dispatch_label(r), num(r["gflops_per_image"], 2),
+            num(r["infer_ms"]), num(r["infer_images_per_s"]),
+            f"{num(rate)} ({100 * share:.0f}%)" if share else DASH,
+            num(r.get("train_ms")), mib(r.get("infer_peak_bytes")),
+            mib(r.get("train_peak_bytes"))])
+    return table(["model", "batch", "images / group", "dispatch",
+                  "GFLOPs/img", "inference ms", "images/s",
+                  "useful GFLOP/s (of peak)", "train step ms",
+                  "inference peak MiB", "train step peak MiB"], rows)
+
+
+def speedups(paths):
+    """Rows (backend, model, batch, group, infer, train): einsum / gather."""
+    out = []
+    for backend, result in paths.items():
+        rows = {key(r): r for r in result["rows"]}
+        for (model, batch, group, dispatcher), r in rows.items():
+            if dispatcher != "gather":
+                continue
+            ref = rows.get((model, batch, group, "einsum"))
+            if ref:
+                out.append((backend, model, batch, group,
+                            ratio(ref["infer_ms"], r["infer_ms"]),
+                            ratio(ref.get("train_ms"), r.get("train_ms"))))
+    return out
+
+
+def speedups_table(paths):
+    return table(["backend", "model", "batch", "images / group",
+                  "inference", "train step"],
+                 [[NAMES[b], NAMES.get(m, m), batch, g, times(i), times(t)]
+                  for b, m, batch, g, i, t in speedups(paths)])
+
+
+def backends_table(paths):
+    """Each backend's time over JAX's for the same row."""
+    if "jax" not in paths:
+        return "No JAX results to compare with."
+    jax_rows = {key(r): r for r in paths["jax"]["rows"]}
+    others = [b for b in paths if b != "jax"]
+    rows = []
+    for backend in others:
+        for r in paths[backend]["rows"]:
+            ref = jax_rows.get(key(r))
+            if ref is None:
+                continue
+            rows.append([NAMES[backend], NAMES.get(r["model"], r["model"]),
+                         r["batch"], group_label(r), dispatch_label(r),
+                         num(ref["infer_ms"]), num(r["infer_ms"]),
+                         times(ratio(r["infer_ms"], ref["infer_ms"])),
+                         num(ref.get("train_ms")), num(r.get("train_ms")),
+                         times(ratio(r.get("train_ms"), ref.get("train_ms")))])
+    return table(["backend", "model", "batch", "images / group", "dispatch",
+                  "JAX inference ms", "inference ms", "÷ JAX",
+                  "JAX train ms", "train ms", "÷ JAX"], rows)
+
+
+def ensemble_table(paths):
+    """E³ vs the 2-model deep ensemble of V-MoE, same batch and dispatch.
+    A training step of the ensemble is two independent V-MoE steps: when
+    not measured it is shown as 2 × V-MoE's (marked *)."""
+    rows, derived = [], False
+    for backend, result in paths.items():
+        by_key = {key(r): r for r in result["rows"]}
+        for (model, batch, group, dispatcher), de in by_key.items():
+            e3 = by_key.get(("e3_s32", batch, group, dispatcher))
+            if model != "de2_vmoe_s32" or e3 is None:
+                continue
+            vmoe = by_key.get(("vmoe_s32", batch, group, dispatcher), {})
+            train = de.get("train_ms")
+            train_text = num(train)
+            if train is None and vmoe.get("train_ms"):
+                train, derived = 2 * vmoe["train_ms"], True
+                train_text = num(train) + "*"
+            rows.append([NAMES[backend], batch, group, dispatcher,
+                         num(e3["gflops_per_image"], 2),
+                         num(de["gflops_per_image"], 2),
+                         num(e3["infer_ms"]), num(de["infer_ms"]),
+                         times(ratio(de["infer_ms"], e3["infer_ms"])),
+                         num(e3.get("train_ms")), train_text,
+                         times(ratio(train, e3.get("train_ms")))])
+    text = table(["backend", "batch", "images / group", "dispatch",
+                  "E³ GFLOPs/img", "DE-2 GFLOPs/img", "E³ inference ms",
+                  "DE-2 inference ms", "DE-2 ÷ E³", "E³ train ms",
+                  "DE-2 train ms", "DE-2 ÷ E³"], rows)
+    if derived:
+        text += ("\n\n\\* not measured: two independent V-MoE training "
+                 "steps, 2 × the V-MoE row.")
+    return text
+
+
+def scaling_table(result):
+    rows = {}
+    for r in result["rows"]:
+        rows.setdefault((r["group_size"], r["num_experts"], r["top_k"],
+                         r["capacity_factor"]), {})[r["dispatcher"]] = r
+    out = []
+    for (s, e, k, cf), paths in sorted(rows.items()):
+        einsum, gather = paths.get("einsum", {}), paths.get("gather", {})
+        first = einsum or gather
+        out.append([s, e, k, cf, first["capacity"], num(einsum.get("ms")),
+                    num(gather.get("ms")),
+                    times(ratio(einsum.get("ms"), gather.get("ms"))),
+                    mib(einsum.get("dispatch_bytes")),
+                    mib(gather.get("dispatch_bytes")),
+                    num(first.get("experts_ms"))])
+    return table(["tokens / group S", "experts E", "K", "cf", "capacity C",
+                  "einsum ms", "gather ms", "speedup", "einsum MiB",
+                  "gather MiB", "experts' MLP ms"], out)
+
+
+def memory_ratio_table(result):
+    summary = result["summary"]
+    rows = [[r["dispatcher"], r["group_size"], r["top_k"],
+             r["capacity_factor"], times(r.get("memory_ratio")),
+             times(r.get("time_ratio")),
+             {True: "yes", False: "no"}.get(r.get("memory_within_limit"),
+                                             DASH)]
+            for r in summary["ratios_large_over_small"]]
+    large, small = summary["experts_large"], summary["experts_small"]
+    return table(["dispatch", "tokens / group S", "K", "cf",
+                  f"memory E={large} ÷ E={small}",
+                  f"time E={large} ÷ E={small}",
+                  f"memory within {summary['memory_ratio_limit']:g}×"], rows)
+
+
+def gather_memory_ratio(paths, scaling):
+    """The largest fast-path memory ratio E=64 / E=8 over the grid."""
+    summary = scaling.get("jax", {}).get("summary", {})
+    if summary.get("experts_small") != 8 or \
+            summary.get("experts_large") != 64:
+        return None
+    return summary.get("gather_memory_ratio_max")
+
+
+def _row(paths, backend, model, batch, group, dispatcher):
+    for r in paths.get(backend, {}).get("rows", []):
+        if key(r) == (model, batch, group, dispatcher):
+            return r
+    return {}
+
+
+def _speedup(batch, group, field):
+    """einsum ÷ gather for E³ S/32 on JAX (inference or training)."""
+    def metric(paths, scaling):
+        einsum = _row(paths, "jax", "e3_s32", batch, group, "einsum")
+        gather = _row(paths, "jax", "e3_s32", batch, group, "gather")
+        return ratio(einsum.get(field), gather.get(field))
+    return metric
+
+
+def _utilisation(paths, scaling):
+    return _row(paths, "jax", "e3_s32", 128, 8, "gather").get(
+        "infer_peak_fraction")
+
+
+def _tf_over_jax(paths, scaling):
+    """TensorFlow (XLA) ÷ JAX, E³ S/32 inference, the default (gather)."""
+    jax_rows = [_row(paths, "jax", "e3_s32", b, 8, "gather")
+                for b in (128, 32)]
+    tf_rows = [_row(paths, "tensorflow", "e3_s32", b, 8, "gather")
+               for b in (128, 32)]
+    for j, t in zip(jax_rows, tf_rows):
+        if j and t:
+            return ratio(t["infer_ms"], j["infer_ms"])
+    return None
+
+
+def _torch_reported(paths, scaling):
+    row = _row(paths, "torch", "e3_s32", 128, 8, "einsum") or \
+        _row(paths, "torch", "e3_s32", 32, 8, "einsum")
+    return row.get("infer_ms")
+
+
+# (target, metric(paths, scaling) -> value or None, test, format): `paths`
+# and `scaling` are {backend: result JSON}; met when test(value).
+TARGETS = [
+    ("E³ S/32 inference, JAX, batch 128, groups of 8 images: gather ≥ 1.3× "
+     "einsum", _speedup(128, 8, "infer_ms"), lambda v: v >= 1.3, times),
+    ("E³ S/32 inference, JAX, batch 128, groups of 8: useful GFLOP/s ≥ 80% "
+     "of the matmul peak", _utilisation, lambda v: v >= 0.8,
+     lambda v: f"{100 * v:.0f}%"),
+    ("E³ S/32 inference, JAX, batch 32 in one routing group: gather ≥ 2× "
+     "einsum", _speedup(32, 32, "infer_ms"), lambda v: v >= 2.0, times),
+    ("E³ S/32 inference, TensorFlow (XLA) within 1.25× of JAX (gather, "
+     "groups of 8; batch 128, else 32)", _tf_over_jax, lambda v: v <= 1.25,
+     times),
+    ("E³ S/32 on PyTorch runs and is reported (eager, einsum, groups of 8; "
+     "ms per batch)", _torch_reported, lambda v: v > 0, num),
+    ("E³ S/32 training step, JAX, groups of 8: gather ≥ 1.3× einsum "
+     "(batch 32)", _speedup(32, 8, "train_ms"), lambda v: v >= 1.3, times),
+    ("Fast-path (gather) dispatch + combine memory at E=64 within 2× of "
+     "E=8 for the same tokens (JAX compiled memory; the largest ratio "
+     "over the measured S, K, cf)",
+     gather_memory_ratio, lambda v: v <= 2.0, times),
+]
+
+
+def targets_table(paths, scaling):
+    rows = []
+    for text, metric, test, fmt in TARGETS:
+        value = metric(paths, scaling)
+        status = DASH if value is None else (
+            "met" if test(value) else "not met")
+        rows.append([text, "not measured" if value is None else fmt(value),
+                     status])
+    return table(["target", "measured", "status"], rows)
+
+
+def render(results_dir, quick):
+    paths = load(results_dir, "dispatch_paths")
+    scaling = load(results_dir, "dispatch_scaling")
+    durations = {}
+    run_all = os.path.join(results_dir, "run_all.json")
+    if os.path.exists(run_all):
+        with open(run_all) as f:
+            durations = json.load(f)
+    files = os.path.relpath(os.path.join(results_dir, "*.json"), ROOT)
+    parts = [f"Generated by `python benchmarks/report.py"
+             f"{' --quick' if quick else ''}` from `{files}`."]
+    if quick:
+        parts.append(
+            "**Quick smoke run** (`run_all.py --quick`: batch 8, one "
+            "repeat, a tiny scaling grid, on a shared machine): it shows "
+            "that every step runs and what the tables hold. Its times are "
+            "not performance results.")
+    parts += ["### Runs", runs_table(paths, scaling, durations),
+              "### Targets", targets_table(paths, scaling)]
+    for backend, result in paths.items():
+        parts += [f"### Models, {NAMES[backend]}", paths_table(result)]
+    parts += ["### Fast path (gather) speedup over einsum, "
+              "einsum ms ÷ gather ms", speedups_table(paths),
+              "### Backends compared with JAX (same rows)",
+              backends_table(paths),
+              "### E³ vs a deep ensemble of two V-MoE (DE-2)",
+              ensemble_table(paths)]
+    for backend, result in scaling.items():
+        parts += [f"### Dispatch micro-benchmark, {NAMES[backend]} "
+                  f"({result['tokens']} tokens, width {result['hidden']}; "
+                  f"memory: {result['memory']})", scaling_table(result),
+                  f"### Memory and time, largest vs smallest E, "
+                  f"{NAMES[backend]}", memory_ratio_table(result)]
+    return "\n\n".join(parts)
+
+
+def replace_between_markers(text, block):
+    if START not in text or END not in text:
+        raise ValueError(f"the document needs {START} and {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the smoke run's results (results/quick/)")
+    parser.add_argument("--results-dir", help="default: benchmarks/results"
+                        " (--quick: benchmarks/results/quick)")
+    parser.add_argument("--doc", default=os.path.join(ROOT,
+                                                      "PERFORMANCE.md"))
+    parser.add_argument("--print", action="store_true",
+                        help="print the tables; leave the document alone")
+    args = parser.parse_args(argv)
+    results_dir = args.results_dir or os.path.join(
+        HERE, "results", "quick" if args.quick else "")
+    block = render(results_dir, args.quick)
+    if args.print:
+        print(block)
+        return block
+    with open(args.doc) as f:
+        text = f.read()
+    with open(args.doc, "w") as f:
+        f.write(replace_between_markers(text, block))
+    print(f"updated {args.doc}")
+    return block
+
+
+if __name__ == "__main__":
+    main()
