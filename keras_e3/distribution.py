@@ -23,6 +23,8 @@ gives a `tf.distribute.MirroredStrategy`. For several hosts, call
 `keras.distribution.initialize()` first on every host (see the README).
 """
 
+import math
+
 import keras
 from keras import distribution as kd
 
@@ -84,8 +86,7 @@ def expert_parallel(batch=None, expert=None, devices=None):
 def data_parallel(devices=None):
     """`DataParallel`: the model replicated, the batch split over devices."""
     _require_jax("data_parallel")
-    return kd.DataParallel(devices=list(kd.list_devices()
-                                        if devices is None else devices))
+    return kd.DataParallel(devices=devices)  # None: every device
 
 
 def tf_data_parallel(devices=None):
@@ -159,10 +160,7 @@ def parameter_bytes_per_device(model, distribution=None):
                 if axis is not None:
                     shape[i] = -(-shape[i] // mesh.shape[
                         mesh.axis_names.index(axis)])
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count * _dtype_bytes(variable.dtype)
+        total += math.prod(shape) * _dtype_bytes(variable.dtype)
     return total
 
 

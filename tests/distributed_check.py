@@ -80,22 +80,35 @@ def train_step(model, images, labels):
     return history.history["loss"][0], model.get_weights()
 
 
+def single_device(config, images, labels):
+    """Random weights, and with them on one device: the logits, and the
+    loss and weights of one training step."""
+    weights = random_weights(build(config), seed=1)
+    model = build(config, weights)
+    logits = np.asarray(model.predict(images, verbose=0))
+    return weights, (logits, *train_step(model, images, labels))
+
+
+def differences(model, images, labels, reference):
+    """The forward pass and one training step of `model` against the
+    single-device `reference`."""
+    logits, loss, trained = reference
+    out = np.asarray(model.predict(images, verbose=0))
+    step_loss, step_weights = train_step(model, images, labels)
+    return {"forward_max_diff": float(np.max(np.abs(out - logits))),
+            "loss_diff": abs(step_loss - loss),
+            "train_step_max_diff": max_diff(step_weights, trained)}
+
+
 def check_tf_mirrored(config, images, labels):
     """One forward and one training step under MirroredStrategy (2 CPU
     replicas, one routing group each) against one device."""
-    weights = random_weights(build(config), seed=1)
-    ref = build(config, weights)
-    logits = np.asarray(ref.predict(images, verbose=0))
-    loss, trained = train_step(ref, images, labels)
+    weights, reference = single_device(config, images, labels)
     strategy = e3_dist.tf_data_parallel()
     with strategy.scope():
         model = build(config, weights)
-    out = np.asarray(model.predict(images, verbose=0))
-    step_loss, step_weights = train_step(model, images, labels)
-    return {"replicas": strategy.num_replicas_in_sync,
-            "forward_max_diff": float(np.max(np.abs(out - logits))),
-            "loss_diff": abs(step_loss - loss),
-            "train_step_max_diff": max_diff(step_weights, trained)}
+    return dict(differences(model, images, labels, reference),
+                replicas=strategy.num_replicas_in_sync)
 
 
 def expert_shards(model):
@@ -107,27 +120,18 @@ def expert_shards(model):
 
 
 def check_config(config, images, labels):
-    weights = random_weights(build(config), seed=1)
-    ref = build(config, weights)
-    logits = np.asarray(ref.predict(images, verbose=0))
-    loss, trained = train_step(ref, images, labels)
-    report = {}
+    weights, reference = single_device(config, images, labels)
     distributions = {f"expert_parallel_{b}x{e}": (
         lambda b=b, e=e: e3_dist.expert_parallel(batch=b, expert=e))
         for b, e in MESHES}
     distributions["data_parallel_8"] = e3_dist.data_parallel
+    report = {}
     for name, make in distributions.items():
         with make().scope():
             model = build(config, weights)
-            out = np.asarray(model.predict(images, verbose=0))
             shards = expert_shards(model)
-            step_loss, step_weights = train_step(model, images, labels)
-        report[name] = {
-            "forward_max_diff": float(np.max(np.abs(out - logits))),
-            "loss_diff": abs(step_loss - loss),
-            "train_step_max_diff": max_diff(step_weights, trained),
-            "expert_shards": shards,
-        }
+            report[name] = dict(differences(model, images, labels, reference),
+                                expert_shards=shards)
     return report
 
 

@@ -3,10 +3,10 @@
 import keras
 from keras import ops
 
+from keras_e3.distribution import check_num_experts
 from keras_e3.layers.embedding import PatchAndPositionEmbedding
 from keras_e3.layers.encoder_block import LAYER_NORM_EPSILON
 from keras_e3.layers.encoder_block import EncoderBlock
-from keras_e3.distribution import check_num_experts
 from keras_e3.layers.ensemble import EnsembleTile
 from keras_e3.models.preset_mixin import PresetMixin
 
