@@ -203,3 +203,187 @@ def test_resolve_dispatcher():
     assert resolve_dispatcher("einsum") == "einsum"
     with pytest.raises(ValueError, match="Unknown dispatcher 'sparse'"):
         resolve_dispatcher("sparse")
+
+
+# The tiled gather path (TiledDispatcher + ExpertsMlp.call_tiles): kept
+# tokens sorted by expert in tiles, the experts run tile by tile.
+
+def use_tiles(model, tile_size):
+    """Sets the tile size of every MoE layer of `model` (None: buffers)."""
+    for block in model.backbone.moe_blocks:
+        block.mlp.tile_size = tile_size
+    return model
+
+
+TILE_CASES = [  # E, K, M, capacity factor, BPR, group size, tile, images
+    (8, 1, 2, 1.5, False, 40, 4, 7),   # E³, padded last group
+    (8, 2, 1, 2.0, True, 20, 8, 6),    # V-MoE K=2 with BPR
+    (16, 2, 1, 1.0, True, 20, 1, 6),   # drops tokens
+    (16, 2, 2, 3.0, True, 40, 8, 5),
+    (4, 1, 1, 2.0, False, 16, 1, 3)]
+
+
+def moe_pair(case):
+    """(einsum MoeMlp, tiled gather MoeMlp with the same weights, input)."""
+    from keras_e3.layers.moe import MoeMlp
+
+    experts, k, m, cf, bpr, group_size, tile, images = case
+    x = np.random.default_rng(1).normal(
+        size=(images * m, 10, 8)).astype("float32")
+    layers = []
+    for path in ("einsum", "gather"):
+        keras.utils.set_random_seed(3)
+        layer = MoeMlp(experts, 16, group_size, num_selected_experts=k,
+                       capacity_factor=cf, batch_priority=bpr,
+                       ensemble_size=m, dispatcher=path, noise_std=0.0)
+        layer.build(x.shape)
+        layer.tile_size = tile
+        layers.append(layer)
+    rng = np.random.default_rng(2)
+    for a, b in zip(*(layer.weights for layer in layers)):
+        value = rng.normal(size=a.shape).astype("float32") * 0.5
+        a.assign(value)
+        b.assign(value)
+    return layers[0], layers[1], x
+
+
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_tiled_moe_equals_einsum(case):
+    """Forward (inference and training mode) and input gradients of the
+    tiled path equal the einsum reference; the tiles are really used."""
+    from keras_e3.layers.dispatch import TiledDispatcher
+
+    einsum, tiled, x = moe_pair(case)
+    gates = keras.ops.softmax(keras.ops.convert_to_tensor(
+        np.random.default_rng(0).normal(size=(2, case[5], case[0])),
+        "float32"))
+    assert isinstance(make_dispatcher(
+        gates, case[1], tiled.capacity, implementation="gather",
+        tile_size=case[6]), TiledDispatcher)
+    for training in (False, True):
+        np.testing.assert_allclose(
+            to_numpy(tiled(x, training=training)),
+            to_numpy(einsum(x, training=training)), rtol=1e-5, atol=2e-6)
+    grads = [gradients(lambda x, layer=layer: keras.ops.sum(keras.ops.sin(
+        layer(x, training=True))), (x,), jit=False)[0]
+        for layer in (einsum, tiled)]
+    assert np.abs(grads[0]).max() > 0.1
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=2e-6)
+
+
+def tile_reference(x, params, tile_expert, num_used, tile_size):
+    """Row by row: each used tile through its expert, unused tiles zero."""
+    kernel_0, bias_0, kernel_1, bias_1 = params
+    rows = keras.ops.repeat(tile_expert, tile_size)
+    used = keras.ops.cast(
+        keras.ops.arange(x.shape[0]) < num_used * tile_size, x.dtype)
+    h = keras.ops.einsum("nh,nhf->nf", x, keras.ops.take(kernel_0, rows, 0))
+    h = keras.activations.gelu(h + keras.ops.take(bias_0, rows, 0),
+                               approximate=True)
+    y = keras.ops.einsum("nf,nfh->nh", h, keras.ops.take(kernel_1, rows, 0))
+    return (y + keras.ops.take(bias_1, rows, 0)) * used[:, None]
+
+
+@pytest.mark.parametrize("jit", [
+    False, pytest.param(True, marks=[pytest.mark.jit, pytest.mark.skipif(
+        keras.backend.backend() != "jax",
+        reason="TensorFlow trains on buffers (tiles_for_training)")])])
+def test_expert_tiles_custom_gradient(rng, jit):
+    """The hand-written backward pass of the tile loop gives autodiff's
+    gradients of the row-by-row reference (inputs, all four weights),
+    with unused tiles skipped."""
+    from keras_e3.layers.dispatch import tiles_for_training
+    from keras_e3.layers.expert_tiles import expert_tiles
+
+    if not tiles_for_training():
+        pytest.skip("TensorFlow trains on buffers (tiles_for_training)")
+    tile_size, experts = 4, 3
+    tile_expert = keras.ops.convert_to_tensor([0, 0, 1, 2, 2, 2, 2],
+                                              "int32")
+    num_used = 5
+    x = rng.normal(size=(7 * tile_size, 6)).astype("float32")
+    params = [rng.normal(size=s).astype("float32") * 0.5 for s in
+              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
+               (experts, 6))]
+    target = rng.normal(size=x.shape).astype("float32")
+
+    def loss(fn):
+        return lambda *args: keras.ops.sum(keras.ops.multiply(fn(
+            args[0], args[1:], tile_expert, num_used, tile_size), target))
+
+    def tiled(*args):
+        return expert_tiles(*args, differentiable=True)
+
+    ours = gradients(loss(tiled), [x] + params, jit)
+    theirs = gradients(loss(tile_reference), [x] + params, False)
+    assert np.all(ours[0][num_used * tile_size:] == 0)
+    for name, a, b in zip(("x", "kernel_0", "bias_0", "kernel_1", "bias_1"),
+                          ours, theirs):
+        assert np.abs(b).max() > 0.1, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("k,capacity_factor,experts,tile_size", [
+    (1, 1.5, 8, 4), (2, 1.0, 16, 1), (2, 3.0, 8, 4)])
+def test_tile_layout(rng, k, capacity_factor, experts, tile_size):
+    """Every kept choice gets its own row, inside a tile of its expert,
+    among the used tiles, which fit in the static tile count; dropped and
+    padding tokens get none."""
+    from keras_e3.layers.dispatch import TiledDispatcher
+    from keras_e3.layers.dispatch import compute_capacity
+
+    gates, valid = routing_case(rng, groups=4, size=30, experts=experts,
+                                k=k, valid_from=7)
+    capacity = compute_capacity(30, experts, k, capacity_factor)
+    tiled = make_dispatcher(gates, k, capacity, valid=valid,
+                            implementation="gather", tile_size=tile_size)
+    assert isinstance(tiled, TiledDispatcher)
+    einsum = make_dispatcher(gates, k, capacity, valid=valid,
+                             implementation="einsum")
+    kept = to_numpy(einsum.dispatch_mask)  # [G, S, E, C]
+    row = to_numpy(tiled.row)  # [G, S, K]
+    num_rows = tiled.num_tiles * tiled.tile_size
+    rows = row[row < num_rows]
+    assert len(rows) == kept.sum() == len(set(rows.tolist()))
+    if capacity_factor == 1.0:  # some choices are dropped
+        assert kept.sum() < (3 * 30 + 7) * k
+    used = int(to_numpy(tiled.num_used_tiles))
+    assert rows.max() < used * tile_size <= num_rows
+    tile_expert = to_numpy(tiled.tile_expert)
+    expert_index = to_numpy(keras.ops.top_k(gates, k)[1])
+    for g, s, c in zip(*np.nonzero(row < num_rows)):
+        assert tile_expert[row[g, s, c] // tile_size] == expert_index[g, s, c]
+
+
+@pytest.mark.parametrize("name", MOE_FIXTURES)
+def test_tiled_path_matches_fixtures(name):
+    fx = load_fixture(name)
+    reference = keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"])
+    tiled = use_tiles(with_dispatcher(reference, "gather"), 2)
+    logits = official_logits(tiled, fx["inputs"])
+    assert np.max(np.abs(logits - fx["logits"])) <= 1e-5
+
+
+@pytest.mark.jit
+@pytest.mark.skipif(keras.backend.backend() == "torch",
+                    reason="XLA compilation: JAX and TensorFlow")
+def test_tiled_training_step_under_jit(rng):
+    """One compiled SGD step with tiles (JAX; TensorFlow uses buffers in
+    training) updates every weight as the einsum reference does."""
+    keras.utils.set_random_seed(0)
+    backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs(
+        router_noise_std=0.0, capacity_factor=1.5))
+    reference = keras_e3.E3ViT(backbone, num_classes=3,
+                               head_kernel_initializer="glorot_uniform")
+    tiled = use_tiles(with_dispatcher(reference, "gather"), 2)
+    x = rng.normal(size=(6, 16, 16, 3)).astype("float32")
+    y = np.arange(6) % 3
+    for model in (reference, tiled):
+        model.compile(optimizer=keras.optimizers.SGD(1.0), metrics=None,
+                      jit_compile=True)
+        model.train_on_batch(x, y)
+    np.testing.assert_allclose(tiled.predict(x, verbose=0),
+                               reference.predict(x, verbose=0), atol=1e-5)
+    for a, b in zip(reference.weights, tiled.weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5,
+                                   atol=1e-5, err_msg=a.path)

@@ -14,8 +14,12 @@ dispatch/combine tensors [G, S, E, C] applied with einsums, O(S·E·C) memory
 and FLOPs per group just to move tokens. `GatherDispatcher` moves the same
 tokens with index gathers (and their scatter-add gradients): O(S·K) routing
 state, no [G, S, E, C] tensor, same capacity, same dropped tokens, same
-combine weights. `make_dispatcher` is the one place that picks an
-implementation ("auto": see `resolve_dispatcher`).
+combine weights. `TiledDispatcher` is the gather path without the empty
+capacity slots: the kept tokens sorted by expert in tiles, run through the
+experts tile by tile (`keras_e3.layers.expert_tiles`), used by `MoeMlp`
+where it stores fewer rows than the buffers (`tiles_pay`). `make_dispatcher`
+is the one place that picks an implementation ("auto": see
+`resolve_dispatcher`).
 """
 
 import math
@@ -23,6 +27,9 @@ import math
 from keras import ops
 
 DISPATCHERS = ("einsum", "gather", "auto")
+# Rows per tile of TiledDispatcher: large enough for efficient matmuls,
+# small against the tokens of a routing group per expert.
+TILE_SIZE = 128
 
 
 def compute_capacity(group_size, num_experts, num_selected_experts,
@@ -94,7 +101,22 @@ def top_experts_per_item(gates, num_selected_experts, batch_priority=False,
     return expert_index, buffer_index
 
 
-class EinsumDispatcher:
+class Dispatcher:
+    """What every dispatcher does: `dispatch(x)` tokens [G, S, H] to the
+    experts' input, `run_experts(experts, x)` the `ExpertsMlp` on it,
+    `combine(y)` back to [G, S, H]. `dtype` (e.g. "bfloat16") is the dtype
+    of the data movements."""
+
+    dtype = None
+
+    def _lowered(self, x):
+        return x if self.dtype is None else ops.cast(x, self.dtype)
+
+    def run_experts(self, experts, x, training=None):
+        return experts(x, training=training)
+
+
+class EinsumDispatcher(Dispatcher):
     """Reference dispatcher with dense [G, S, E, C] tensors.
 
     `dispatch` maps tokens [G, S, ...] to expert buffers [E, G*C, ...];
@@ -112,9 +134,6 @@ class EinsumDispatcher:
     @property
     def capacity(self):
         return self.combine_weights.shape[-1]
-
-    def _lowered(self, x):
-        return x if self.dtype is None else ops.cast(x, self.dtype)
 
     def dispatch(self, x):
         dtype = x.dtype
@@ -134,7 +153,7 @@ class EinsumDispatcher:
         return ops.cast(out, dtype)
 
 
-class GatherDispatcher:
+class GatherDispatcher(Dispatcher):
     """Index-based dispatcher: the einsum reference's results without its
     dense [G, S, E, C] tensors.
 
@@ -180,9 +199,6 @@ class GatherDispatcher:
     def capacity(self):
         return self._capacity
 
-    def _lowered(self, x):
-        return x if self.dtype is None else ops.cast(x, self.dtype)
-
     def dispatch(self, x):
         dtype = x.dtype
         x = self._lowered(x)
@@ -225,6 +241,109 @@ class GatherDispatcher:
                                                 self.gates.dtype)
 
 
+class TiledDispatcher(Dispatcher):
+    """The gather path without the empty capacity slots: kept tokens are
+    laid out sorted by expert in one [num_tiles * tile_size, ...] array,
+    each expert's rows padded to a whole number of tiles, so that the
+    experts run tile by tile (`ExpertsMlp.call_tiles`) on about
+    G·S·K + E·tile_size rows instead of E·G·C.
+
+    Same capacity, same dropped tokens, same combine weights as the other
+    paths (only the order in which the kept tokens are stored differs: by
+    expert, then group, then buffer position). Used by `MoeMlp` for
+    inference when it stores fewer rows than the capacity buffers
+    (`tiles_pay`).
+    """
+
+    def __init__(self, gates, expert_index, buffer_index, capacity,
+                 tile_size, dtype=None):
+        self.gates = gates
+        self.dtype = dtype
+        self.tile_size = tile = tile_size
+        self.num_experts = num_experts = gates.shape[-1]
+        groups, group_size, k = expert_index.shape
+        self.num_tiles = num_tiles = tile_count(
+            groups, group_size, num_experts, k, capacity, tile)
+        num_rows = num_tiles * tile
+        keep = ops.logical_and(buffer_index >= 0, buffer_index < capacity)
+        chosen = ops.one_hot(expert_index, num_experts, dtype="int32") * \
+            ops.cast(keep, "int32")[..., None]
+        counts = ops.sum(chosen, axis=(1, 2))  # [G, E] kept per group
+        group_offset = ops.cumsum(counts, axis=0) - counts
+        rows_per_expert = ops.sum(counts, axis=0)
+        padded = (rows_per_expert + tile - 1) // tile * tile
+        ends = ops.cumsum(padded)
+        starts = ends - padded
+        # [G, S, K]: the row of each kept choice (num_rows when dropped).
+        offset = ops.sum(chosen * (starts + group_offset)[:, None, None, :],
+                         axis=-1)
+        self.row = ops.where(keep, offset + buffer_index, num_rows)
+        self.weights = ops.take_along_axis(gates, expert_index, axis=2) * \
+            ops.cast(keep, gates.dtype)
+        # The expert of every tile; tiles past `num_used_tiles` are unused.
+        tile_starts = ops.arange(num_tiles, dtype="int32") * tile
+        self.tile_expert = ops.minimum(ops.sum(ops.cast(
+            ends[None, :] <= tile_starts[:, None], "int32"), axis=1),
+            num_experts - 1)
+        self.num_used_tiles = ends[-1] // tile
+        # The token of every row, as in GatherDispatcher: empty rows read
+        # the zero row appended after the G·S tokens.
+        num_tokens = groups * group_size
+        tokens = ops.broadcast_to(ops.reshape(
+            ops.arange(num_tokens, dtype="int32") + 1,
+            (groups, group_size, 1)), ops.shape(self.row))
+        owner = ops.scatter(
+            ops.reshape(ops.cast(self.row, "int32"), (-1, 1)),
+            ops.reshape(tokens, (-1,)), (num_rows + 1,))[:num_rows] - 1
+        self.source = ops.where(owner < 0, num_tokens, owner)
+
+    def dispatch(self, x):
+        """[G, S, H] tokens -> [num_tiles * tile_size, H] rows."""
+        dtype = x.dtype
+        x = self._lowered(x)
+        x = ops.reshape(x, (-1, x.shape[-1]))
+        x = ops.concatenate([x, ops.zeros_like(x[:1])], axis=0)
+        return ops.cast(ops.take(x, self.source, axis=0), dtype)
+
+    def run_experts(self, experts, x, training=None):
+        return experts.call_tiles(x, self.tile_expert, self.num_used_tiles,
+                                  self.tile_size, training=training)
+
+    def combine(self, y):
+        """[num_tiles * tile_size, H] rows -> [G, S, H] tokens."""
+        dtype = y.dtype
+        y = self._lowered(y)
+        y = ops.concatenate([y, ops.zeros_like(y[:1])], axis=0)
+        y = ops.cast(y, self.weights.dtype)
+        picked = ops.take(y, self.row, axis=0)  # [G, S, K, H]
+        out = ops.sum(picked * self.weights[..., None], axis=2)
+        return ops.cast(out, dtype)
+
+
+def tile_count(groups, group_size, num_experts, num_selected_experts,
+               capacity, tile_size):
+    """Tiles that always hold the kept choices sorted by expert, each
+    expert's rows padded to whole tiles: at most min(G·S·K, E·G·C) kept rows
+    plus E·(tile_size - 1) rows of padding (the sum of the experts' tile
+    counts is a whole number, hence the floor)."""
+    kept = min(groups * group_size * num_selected_experts,
+               num_experts * groups * capacity)
+    return (kept + num_experts * (tile_size - 1)) // tile_size
+
+
+def tiles_pay(groups, group_size, num_experts, num_selected_experts,
+              capacity, tile_size):
+    """Whether the tiled layout stores fewer rows than the capacity buffers
+    (E·G·C): it does when the capacity factor leaves empty slots, and the
+    more so the larger the routing groups; with capacity factor ~1 it
+    does not."""
+    if not isinstance(groups, int) or not tile_size:
+        return False
+    tiles = tile_count(groups, group_size, num_experts, num_selected_experts,
+                       capacity, tile_size)
+    return tiles * tile_size < num_experts * groups * capacity
+
+
 def resolve_dispatcher(implementation):
     """'auto' -> the fastest path measured for this backend
     (benchmarks/dispatch_paths.py): gather under XLA (JAX, TensorFlow);
@@ -240,14 +359,36 @@ def resolve_dispatcher(implementation):
     return implementation
 
 
+def tiles_for_training():
+    """Whether the tiled experts can be trained on this backend: their
+    backward pass is a custom gradient with a loop of dynamic slice
+    updates, which TensorFlow 2.21's XLA fails to compile (a `literal.cc`
+    check failure aborts the process); TensorFlow trains on the capacity
+    buffers and uses the tiles for inference."""
+    import keras
+
+    return keras.backend.backend() != "tensorflow"
+
+
 def make_dispatcher(gates, num_selected_experts, capacity,
                     batch_priority=False, valid=None, implementation="einsum",
-                    dtype=None):
-    """Routes `gates` [G, S, E] and returns a dispatcher for the experts."""
+                    dtype=None, tile_size=None):
+    """Routes `gates` [G, S, E] and returns a dispatcher for the experts.
+
+    `tile_size`: with the gather path, lay the kept tokens out in tiles of
+    this many rows sorted by expert (`TiledDispatcher`) when that stores
+    fewer rows than the capacity buffers (`tiles_pay`); None or 0 keeps the
+    capacity buffers.
+    """
     implementation = resolve_dispatcher(implementation)
     expert_index, buffer_index = top_experts_per_item(
         gates, num_selected_experts, batch_priority, valid)
     if implementation == "gather":
+        groups, group_size, num_experts = gates.shape
+        if tiles_pay(groups, group_size, num_experts, num_selected_experts,
+                     capacity, tile_size):
+            return TiledDispatcher(gates, expert_index, buffer_index,
+                                   capacity, tile_size, dtype=dtype)
         return GatherDispatcher(gates, expert_index, buffer_index, capacity,
                                 dtype=dtype)
     num_experts = gates.shape[-1]

@@ -5,14 +5,12 @@ import math
 import keras
 from keras import ops
 
+from keras_e3.layers.expert_tiles import expert_tiles
+from keras_e3.layers.expert_tiles import gelu
+
 # vit_jax's MlpBlock initialisers.
 KERNEL_INIT = "glorot_uniform"
 BIAS_INIT = {"class_name": "RandomNormal", "config": {"stddev": 1e-6}}
-
-
-def gelu(x):
-    # Flax's nn.gelu default: the tanh approximation.
-    return keras.activations.gelu(x, approximate=True)
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
@@ -77,12 +75,27 @@ class ExpertsMlp(keras.layers.Layer):
         self.bias_1 = self.add_weight(name="bias_1", shape=(e, hidden),
                                       initializer=BIAS_INIT)
 
-    def call(self, x, training=None):
-        h = ops.einsum("enh,ehf->enf", x, self.kernel_0)
-        h = gelu(h + self.bias_0[:, None, :])
+    def _mlp(self, x, kernel_0, bias_0, kernel_1, bias_1, training=None):
+        h = gelu(ops.matmul(x, kernel_0) + bias_0)
         h = self.dropout(h, training=training)
-        y = ops.einsum("enf,efh->enh", h, self.kernel_1)
-        return self.dropout(y + self.bias_1[:, None, :], training=training)
+        y = ops.matmul(h, kernel_1) + bias_1
+        return self.dropout(y, training=training)
+
+    def call(self, x, training=None):
+        return self._mlp(x, self.kernel_0, self.bias_0[:, None, :],
+                         self.kernel_1, self.bias_1[:, None, :],
+                         training=training)
+
+    def call_tiles(self, x, tile_expert, num_used_tiles, tile_size,
+                   training=None):
+        """The experts on rows sorted by expert ([num_tiles * tile_size, H],
+        `TiledDispatcher`): tile i runs expert tile_expert[i], tiles from
+        `num_used_tiles` on are skipped (zeros). No dropout: the tiled path
+        is not used for training with dropout_rate > 0."""
+        return expert_tiles(
+            x, (self.kernel_0, self.bias_0, self.kernel_1, self.bias_1),
+            tile_expert, num_used_tiles, tile_size,
+            differentiable=bool(training))
 
     def get_config(self):
         config = super().get_config()

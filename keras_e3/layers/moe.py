@@ -4,8 +4,10 @@ import keras
 from keras import ops
 
 from keras_e3.layers.dispatch import DISPATCHERS
+from keras_e3.layers.dispatch import TILE_SIZE
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.dispatch import make_dispatcher
+from keras_e3.layers.dispatch import tiles_for_training
 from keras_e3.layers.mlp import ExpertsMlp
 from keras_e3.layers.router import Router
 
@@ -59,6 +61,9 @@ class MoeMlp(keras.layers.Layer):
         self.dropout_rate = dropout_rate
         self.dispatcher = dispatcher
         self.dispatch_dtype = dispatch_dtype
+        # Rows per tile of the gather path's experts (TiledDispatcher); not
+        # in the config: an execution detail the results do not depend on.
+        self.tile_size = TILE_SIZE
         self.capacity = compute_capacity(group_size, num_experts,
                                          num_selected_experts, capacity_factor)
         self.router = Router(
@@ -109,9 +114,10 @@ class MoeMlp(keras.layers.Layer):
         dispatcher = make_dispatcher(
             gates, self.num_selected_experts, self.capacity,
             batch_priority=self.batch_priority, valid=valid,
-            implementation=self.dispatcher, dtype=self.dispatch_dtype)
-        expert_outputs = self.experts(dispatcher.dispatch(groups),
-                                      training=training)
+            implementation=self.dispatcher, dtype=self.dispatch_dtype,
+            tile_size=self._tile_size(training, return_routing))
+        expert_outputs = dispatcher.run_experts(
+            self.experts, dispatcher.dispatch(groups), training=training)
         y = dispatcher.combine(expert_outputs)
         y = self._from_groups(y, num_tokens, x.shape[1])
         if not return_routing:
@@ -121,6 +127,16 @@ class MoeMlp(keras.layers.Layer):
                        combine_weights=dispatcher.combine_weights,
                        dispatch_mask=dispatcher.dispatch_mask)
         return y, routing
+
+    def _tile_size(self, training, return_routing):
+        """Tiles for the gather path's experts (`TiledDispatcher`), or None
+        for the capacity buffers, which the routing intermediates, the
+        expert-parallel layouts and the experts' dropout need."""
+        if (return_routing or keras.distribution.distribution()
+                or (training and (self.dropout_rate
+                                  or not tiles_for_training()))):
+            return None
+        return self.tile_size
 
     def compute_output_spec(self, x, training=None, return_routing=False):
         if return_routing:

@@ -1,0 +1,141 @@
+"""The experts' MLP over rows sorted by expert, one tile at a time.
+
+`TiledDispatcher` lays the kept tokens out as [num_tiles * tile, H] rows,
+each tile belonging to one expert, the used tiles first. `expert_tiles`
+runs tile i through expert tile_expert[i] (a [tile, H] x [H, F] matmul,
+GELU, [tile, F] x [F, H]) and skips the unused tiles, so the work follows
+the routed tokens instead of E x capacity slots.
+
+With `differentiable=True` the loop has a hand-written backward pass that
+is a second loop over the same tiles, accumulating each tile's weight
+gradients into its expert's slice only; autodiff of the forward loop would
+carry (and add) the gradient of every expert's weights at every tile. The
+forward pass then keeps the pre-activations [rows, F] for the backward.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x):
+    """Flax's default nn.gelu: the tanh approximation (every MLP here)."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+def gelu_grad(x):
+    """d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²),
+    t = tanh(c (x + a x³)), c = sqrt(2 / pi), a = 0.044715."""
+    t = ops.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (
+        1.0 + 3 * 0.044715 * x * x)
+
+
+def _expert(params, e):
+    """Expert e's slices of the stacked [E, ...] weights."""
+    return [ops.squeeze(ops.slice(w, (e,) + (0,) * (len(w.shape) - 1),
+                                  (1,) + tuple(w.shape[1:])), 0)
+            for w in params]
+
+
+def _tile(x, i, tile_size):
+    return ops.slice(x, (i * tile_size, 0), (tile_size, x.shape[-1]))
+
+
+def _add_to_expert(total, e, update):
+    start = (e,) + (0,) * (len(total.shape) - 1)
+    current = ops.slice(total, start, (1,) + tuple(total.shape[1:]))
+    return ops.slice_update(total, start, current + update[None])
+
+
+def _forward(x, params, tile_expert, num_used, tile_size, keep_pre):
+    """y [rows, H] (and the pre-activations [rows, F] if keep_pre)."""
+    num_tiles = x.shape[0] // tile_size
+    mlp_dim = params[0].shape[-1]
+
+    def run(i):
+        kernel_0, bias_0, kernel_1, bias_1 = _expert(params, tile_expert[i])
+        pre = ops.matmul(_tile(x, i, tile_size), kernel_0) + bias_0
+        return ops.matmul(gelu(pre), kernel_1) + bias_1, pre
+
+    def skip():
+        return (ops.zeros((tile_size, x.shape[-1]), x.dtype),
+                ops.zeros((tile_size, mlp_dim), x.dtype))
+
+    def body(i, carry):
+        y, pre = ops.cond(i < num_used, lambda: run(i), skip)
+        start = (i * tile_size, 0)
+        if keep_pre:
+            return (ops.slice_update(carry[0], start, y),
+                    ops.slice_update(carry[1], start, pre))
+        return (ops.slice_update(carry[0], start, y),)
+
+    init = (ops.zeros_like(x),)
+    if keep_pre:
+        init += (ops.zeros((x.shape[0], mlp_dim), x.dtype),)
+    return ops.fori_loop(0, num_tiles, body, init)
+
+
+def _backward(dy, x, pre, params, tile_expert, num_used, tile_size):
+    """Gradients (x, kernel_0, bias_0, kernel_1, bias_1) from dy [rows, H]."""
+    num_tiles = x.shape[0] // tile_size
+
+    def run(i, e):
+        kernel_0, _, kernel_1, _ = _expert(params, e)
+        x_t, pre_t, dy_t = (_tile(a, i, tile_size) for a in (x, pre, dy))
+        d_pre = ops.matmul(dy_t, ops.transpose(kernel_1)) * \
+            gelu_grad(pre_t)
+        return (ops.matmul(d_pre, ops.transpose(kernel_0)),
+                ops.matmul(ops.transpose(x_t), d_pre), ops.sum(d_pre, 0),
+                ops.matmul(ops.transpose(gelu(pre_t)), dy_t),
+                ops.sum(dy_t, 0))
+
+    def skip():
+        return tuple(ops.zeros((tile_size,) + tuple(w.shape[1:]), x.dtype)
+                     if n == 0 else ops.zeros(w.shape[1:], w.dtype)
+                     for n, w in enumerate((x,) + tuple(params)))
+
+    def body(i, grads):
+        e = tile_expert[i]
+        tile_grads = ops.cond(i < num_used, lambda: run(i, e), skip)
+        dx = ops.slice_update(grads[0], (i * tile_size, 0), tile_grads[0])
+        return (dx,) + tuple(_add_to_expert(total, e, update) for total, update
+                             in zip(grads[1:], tile_grads[1:]))
+
+    init = (ops.zeros_like(x),) + tuple(ops.zeros_like(w) for w in params)
+    return ops.fori_loop(0, num_tiles, body, init)
+
+
+def expert_tiles(x, params, tile_expert, num_used, tile_size,
+                 differentiable=False):
+    """Rows [num_tiles * tile_size, H] through their experts.
+
+    params: the stacked (kernel_0 [E, H, F], bias_0 [E, F],
+    kernel_1 [E, F, H], bias_1 [E, H]); tile_expert [num_tiles] int;
+    num_used: the number of used tiles (the rest are left at zero).
+    """
+    # Plain tensors in the compute dtype, not variables (TensorFlow's custom
+    # gradient would otherwise want the variables' gradients separately).
+    params = [ops.cast(getattr(w, "value", w), x.dtype) for w in params]
+    if not differentiable:
+        return _forward(x, params, tile_expert, num_used, tile_size,
+                        keep_pre=False)[0]
+
+    @ops.custom_gradient
+    def run(x, kernel_0, bias_0, kernel_1, bias_1):
+        weights = (kernel_0, bias_0, kernel_1, bias_1)
+        y, pre = _forward(x, weights, tile_expert, num_used, tile_size,
+                          keep_pre=True)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return _backward(upstream, x, pre, weights, tile_expert,
+                             num_used, tile_size)
+
+        return y, grad
+
+    return run(x, *params)
