@@ -7,7 +7,7 @@ from keras_e3.layers.dispatch import DISPATCHERS
 from keras_e3.layers.dispatch import TILE_SIZE
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.dispatch import make_dispatcher
-from keras_e3.layers.dispatch import tiles_for_training
+from keras_e3.layers.dispatch import tiles_supported
 from keras_e3.layers.mlp import ExpertsMlp
 from keras_e3.layers.router import Router
 
@@ -131,10 +131,11 @@ class MoeMlp(keras.layers.Layer):
     def _tile_size(self, training, return_routing):
         """Tiles for the gather path's experts (`TiledDispatcher`), or None
         for the capacity buffers, which the routing intermediates, the
-        expert-parallel layouts and the experts' dropout need."""
+        expert-parallel layouts, the experts' dropout and TensorFlow
+        (`tiles_supported`) need."""
         if (return_routing or keras.distribution.distribution()
-                or (training and (self.dropout_rate
-                                  or not tiles_for_training()))):
+                or (training and self.dropout_rate)
+                or not tiles_supported(training)):
             return None
         return self.tile_size
 
