@@ -10,8 +10,9 @@ cf 1.5), a dense ViT and a deep ensemble of two V-MoE S/32
 both members in one compiled call), at batch 32 and 128, with routing
 groups of 8 images (the paper's configs) and of the whole batch: per
 dispatch path, the median time of repeated compiled calls (warm-up
-excluded) of inference and of a training step (SGD), the model's own
-FLOPs per image (keras_e3.flops), the useful GFLOP/s as a fraction of a
+excluded) of inference and of a training step (SGD), the model's useful
+FLOPs per image (keras_e3.flops, routed tokens; also counted over every
+capacity slot), the useful GFLOP/s as a fraction of a
 compiled fp32 matmul peak measured in the same run and, on JAX, the
 compiled memory of both calls (`memory_analysis()`: temp, argument,
 output bytes; peak = their sum less donated buffers).
@@ -32,6 +33,8 @@ import numpy as np
 from keras import ops
 
 import keras_e3
+from keras_e3.layers.dispatch import tiles_pay
+from keras_e3.layers.dispatch import tiles_supported
 from _common import backend
 from _common import block
 from _common import compile_call
@@ -73,6 +76,23 @@ def build(config, members, dispatcher, images_per_group):
         models.append(keras_e3.E3ViT(keras_e3.E3ViTBackbone(**kwargs),
                                      num_classes=NUM_CLASSES))
     return models
+
+
+def gather_layout(model, batch):
+    """"tiles" if the gather path's MoE layers run their experts on tiles
+    (`TiledDispatcher`) for this batch, else "buffers"."""
+    if not tiles_supported():
+        return "buffers"
+    layouts = set()
+    for block in model.backbone.moe_blocks:
+        mlp = block.mlp
+        groups = -(-batch * mlp.ensemble_size * TOKENS_PER_IMAGE
+                   // mlp.group_size)
+        layouts.add("tiles" if tiles_pay(
+            groups, mlp.group_size, mlp.num_experts,
+            mlp.num_selected_experts, mlp.capacity, mlp.tile_size)
+            else "buffers")
+    return "/".join(sorted(layouts))
 
 
 def prediction(logits):
@@ -165,12 +185,19 @@ def rows_for(name, batch, images, labels, args, peak):
                                                   batch):
         for dispatcher in (args.dispatchers if moe else ["-"]):
             models = build(config, members, dispatcher, images_per_group)
-            useful = sum(keras_e3.count_flops(m)["flops"]
-                         for m in models) / 1e9
+            # Useful work: every routed token through its K experts once
+            # (the issue's 3.7 GFLOPs/img for E³); `..._capacity` counts
+            # every capacity slot, empty ones included.
+            useful, slots = (sum(keras_e3.count_flops(
+                m, expert_tokens=tokens)["flops"] for m in models) / 1e9
+                for tokens in ("routed", "capacity"))
             row = dict(model=name, batch=batch, members=members,
                        images_per_group=images_per_group,
                        dispatcher=dispatcher,
-                       gflops_per_image=round(useful, 3))
+                       gflops_per_image=round(useful, 3),
+                       gflops_per_image_capacity=round(slots, 3))
+            if dispatcher == "gather":
+                row["gather_layout"] = gather_layout(models[0], batch)
             fields, seconds = measure(lambda: inference_call(models, images),
                                       args.repeats, "infer", batch)
             row.update(fields)

@@ -7,7 +7,8 @@ A fixed number of tokens (3200: a batch of 64 S/32 images; width 512)
 is split into routing groups of S tokens (400 ... 3200) and routed to E
 experts (8 ... 64) with K = 1 or 2 and capacity factor 1.0 or 1.5; the
 router gates are random softmax inputs. For each dispatch path ("einsum",
-the dense reference, and "gather", the index-based fast path) one
+the dense reference, "gather", the index-based fast path with capacity
+buffers, and "tiles", the same with the tiled layout where it is smaller) one
 compiled call routes the gates (`make_dispatcher`), dispatches the tokens
 to the [E, G*C, H] expert buffers and combines them back to [G, S, H]
 (identity experts; both are outputs): median time of repeated calls
@@ -37,8 +38,11 @@ from _common import emit
 from _common import emit_row
 from _common import run_info
 from _common import timed
+from keras_e3.layers.dispatch import TILE_SIZE
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.dispatch import make_dispatcher
+from keras_e3.layers.dispatch import tiles_pay
+from keras_e3.layers.dispatch import tiles_supported
 
 TOKENS = 3200
 HIDDEN = 512
@@ -54,12 +58,27 @@ def round_trip(num_selected, capacity, implementation):
     combined [G, S, H]). The buffers are returned so that they exist, as
     they must for real experts: otherwise XLA may fuse combine(dispatch(x))
     into one gather and never build them."""
+    tiles = implementation == "tiles" and tiles_supported()
+
     def fn(gates, x):
-        dispatcher = make_dispatcher(gates, num_selected, capacity,
-                                     implementation=implementation)
+        dispatcher = make_dispatcher(
+            gates, num_selected, capacity,
+            implementation="gather" if tiles else implementation,
+            tile_size=TILE_SIZE if tiles else None)
         buffers = dispatcher.dispatch(x)
         return buffers, dispatcher.combine(buffers)
     return fn
+
+
+def layout(num_selected, capacity, implementation, gates):
+    """How a path stores the experts' input: "tiles" (rows sorted by
+    expert, where that is smaller) or "buffers" ([E, G*C, H])."""
+    if implementation != "tiles" or not tiles_supported():
+        return "buffers"
+    groups, group_size, num_experts = gates.shape
+    return "tiles" if tiles_pay(groups, group_size, num_experts,
+                                num_selected, capacity, TILE_SIZE) \
+        else "buffers"
 
 
 def experts_mlp(buffers, w_in, w_out):
@@ -119,7 +138,8 @@ def measure(rng, group_size, num_experts, top_k, factor, dispatchers,
     for implementation in dispatchers:
         ms, memory = time_call(
             round_trip(top_k, capacity, implementation), (gates, x), repeats)
-        row = dict(config, dispatcher=implementation, ms=ms)
+        row = dict(config, dispatcher=implementation, ms=ms,
+                   layout=layout(top_k, capacity, implementation, gates))
         if memory is not None:
             row.update(dispatch_bytes=memory["temp"] + memory["output"],
                        temp_bytes=memory["temp"],
@@ -158,7 +178,8 @@ def summary(rows, experts):
     small, large = min(experts), max(experts)
     ratios = expert_ratios(rows, small, large)
     fast = [r["memory_ratio"] for r in ratios
-            if r["dispatcher"] == "gather" and "memory_ratio" in r]
+            if r["dispatcher"] in ("gather", "tiles")
+            and "memory_ratio" in r]
     out = dict(experts_small=small, experts_large=large,
                memory_ratio_limit=MEMORY_RATIO_LIMIT,
                ratios_large_over_small=ratios)
@@ -179,7 +200,9 @@ def main(argv=None):
     parser.add_argument("--experts", action="store_true",
                         help="also time the experts' MLP per configuration")
     parser.add_argument("--dispatchers", nargs="+",
-                        default=["einsum", "gather"])
+                        default=["einsum", "gather", "tiles"],
+                        help='"tiles": the gather path with its tiled '
+                        'layout wherever that is smaller (as MoeMlp uses it)')
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     grid = QUICK if args.quick else FULL

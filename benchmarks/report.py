@@ -78,7 +78,10 @@ def group_label(row):
 
 
 def dispatch_label(row):
-    return DASH if row["dispatcher"] == "-" else row["dispatcher"]
+    if row["dispatcher"] == "-":
+        return DASH
+    layout = row.get("gather_layout")
+    return f"gather ({layout})" if layout else row["dispatcher"]
 
 
 def runs_table(paths, scaling, durations):
@@ -109,12 +112,14 @@ def paths_table(result):
         rows.append([
             NAMES.get(r["model"], r["model"]), r["batch"], group_label(r),
             dispatch_label(r), num(r["gflops_per_image"], 2),
+            num(r.get("gflops_per_image_capacity"), 2),
             num(r["infer_ms"]), num(r["infer_images_per_s"]),
             f"{num(rate)} ({100 * share:.0f}%)" if share else DASH,
             num(r.get("train_ms")), mib(r.get("infer_peak_bytes")),
             mib(r.get("train_peak_bytes"))])
     return table(["model", "batch", "images / group", "dispatch",
-                  "GFLOPs/img", "inference ms", "images/s",
+                  "useful GFLOPs/img", "GFLOPs/img with capacity slots",
+                  "inference ms", "images/s",
                   "useful GFLOP/s (of peak)", "train step ms",
                   "inference peak MiB", "train step peak MiB"], rows)
 
@@ -207,16 +212,21 @@ def scaling_table(result):
     out = []
     for (s, e, k, cf), paths in sorted(rows.items()):
         einsum, gather = paths.get("einsum", {}), paths.get("gather", {})
-        first = einsum or gather
+        tiles = paths.get("tiles", {})
+        first = einsum or gather or tiles
         out.append([s, e, k, cf, first["capacity"], num(einsum.get("ms")),
                     num(gather.get("ms")),
                     times(ratio(einsum.get("ms"), gather.get("ms"))),
+                    f"{num(tiles.get('ms'))} ({tiles['layout']})"
+                    if tiles else DASH,
                     mib(einsum.get("dispatch_bytes")),
                     mib(gather.get("dispatch_bytes")),
+                    mib(tiles.get("dispatch_bytes")),
                     num(first.get("experts_ms"))])
     return table(["tokens / group S", "experts E", "K", "cf", "capacity C",
-                  "einsum ms", "gather ms", "speedup", "einsum MiB",
-                  "gather MiB", "experts' MLP ms"], out)
+                  "einsum ms", "gather ms", "speedup",
+                  "gather, tiles ms (layout)", "einsum MiB", "gather MiB",
+                  "gather, tiles MiB", "experts' MLP ms"], out)
 
 
 def memory_ratio_table(result):
