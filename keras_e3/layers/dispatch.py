@@ -250,9 +250,9 @@ class TiledDispatcher(Dispatcher):
 
     Same capacity, same dropped tokens, same combine weights as the other
     paths (only the order in which the kept tokens are stored differs: by
-    expert, then group, then buffer position). Used by `MoeMlp` for
-    inference when it stores fewer rows than the capacity buffers
-    (`tiles_pay`).
+    expert, then group, then buffer position). Used by `MoeMlp` when it
+    stores fewer rows than the capacity buffers (`tiles_pay`) on the
+    backends that run it well (`tiles_supported`).
     """
 
     def __init__(self, gates, expert_index, buffer_index, capacity,
