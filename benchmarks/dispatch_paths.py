@@ -34,7 +34,6 @@ from keras import ops
 
 import keras_e3
 from keras_e3.layers.dispatch import tiles_pay
-from keras_e3.layers.dispatch import tiles_supported
 from _common import backend
 from _common import block
 from _common import compile_call
@@ -81,8 +80,6 @@ def build(config, members, dispatcher, images_per_group):
 def gather_layout(model, batch):
     """"tiles" if the gather path's MoE layers run their experts on tiles
     (`TiledDispatcher`) for this batch, else "buffers"."""
-    if not tiles_supported():
-        return "buffers"
     layouts = set()
     for block in model.backbone.moe_blocks:
         mlp = block.mlp
@@ -90,8 +87,8 @@ def gather_layout(model, batch):
                    // mlp.group_size)
         layouts.add("tiles" if tiles_pay(
             groups, mlp.group_size, mlp.num_experts,
-            mlp.num_selected_experts, mlp.capacity, mlp.tile_size)
-            else "buffers")
+            mlp.num_selected_experts, mlp.capacity,
+            mlp.expert_tile_size(training=False)) else "buffers")
     return "/".join(sorted(layouts))
 
 

@@ -75,16 +75,11 @@ class ExpertsMlp(keras.layers.Layer):
         self.bias_1 = self.add_weight(name="bias_1", shape=(e, hidden),
                                       initializer=BIAS_INIT)
 
-    def _mlp(self, x, kernel_0, bias_0, kernel_1, bias_1, training=None):
-        h = gelu(ops.matmul(x, kernel_0) + bias_0)
-        h = self.dropout(h, training=training)
-        y = ops.matmul(h, kernel_1) + bias_1
-        return self.dropout(y, training=training)
-
     def call(self, x, training=None):
-        return self._mlp(x, self.kernel_0, self.bias_0[:, None, :],
-                         self.kernel_1, self.bias_1[:, None, :],
-                         training=training)
+        h = gelu(ops.matmul(x, self.kernel_0) + self.bias_0[:, None, :])
+        h = self.dropout(h, training=training)
+        y = ops.matmul(h, self.kernel_1) + self.bias_1[:, None, :]
+        return self.dropout(y, training=training)
 
     def call_tiles(self, x, tile_expert, num_used_tiles, tile_size,
                    training=None):

@@ -115,7 +115,7 @@ class MoeMlp(keras.layers.Layer):
             gates, self.num_selected_experts, self.capacity,
             batch_priority=self.batch_priority, valid=valid,
             implementation=self.dispatcher, dtype=self.dispatch_dtype,
-            tile_size=self._tile_size(training, return_routing))
+            tile_size=self.expert_tile_size(training, return_routing))
         expert_outputs = dispatcher.run_experts(
             self.experts, dispatcher.dispatch(groups), training=training)
         y = dispatcher.combine(expert_outputs)
@@ -128,11 +128,12 @@ class MoeMlp(keras.layers.Layer):
                        dispatch_mask=dispatcher.dispatch_mask)
         return y, routing
 
-    def _tile_size(self, training, return_routing):
-        """Tiles for the gather path's experts (`TiledDispatcher`), or None
-        for the capacity buffers, which the routing intermediates, the
-        expert-parallel layouts, the experts' dropout and TensorFlow
-        (`tiles_supported`) need."""
+    def expert_tile_size(self, training=None, return_routing=False):
+        """Tiles for the gather path's experts (`TiledDispatcher`, used where
+        they store fewer rows: `tiles_pay`), or None for the capacity
+        buffers, which the routing intermediates, the expert-parallel
+        layouts, the experts' dropout and some backends (`tiles_supported`)
+        need."""
         if (return_routing or keras.distribution.distribution()
                 or (training and self.dropout_rate)
                 or not tiles_supported(training)):
