@@ -41,6 +41,33 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+def gradients(fn, args, jit):
+    """Gradients of the scalar fn(*args) with respect to every arg."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        grad = jax.grad(fn, argnums=tuple(range(len(args))))
+        return [to_numpy(g) for g in (jax.jit(grad) if jit else grad)(*args)]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def grad(*args):
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                value = fn(*args)
+            return tape.gradient(value, args)
+
+        if jit:
+            grad = tf.function(grad, jit_compile=True)
+        return [to_numpy(g) for g in grad(*map(tf.constant, args))]
+    import torch
+
+    args = [torch.tensor(a, requires_grad=True) for a in args]
+    fn(*args).backward()
+    return [to_numpy(a.grad) for a in args]
+
+
 def official_logits(model, images):
     """Model output in vmoe's order: [B, C], or [B*M, C] for E³."""
     logits = to_numpy(model(images))

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import FIXTURE_NAMES
+from conftest import gradients
 from conftest import load_fixture
 from conftest import official_logits
 from conftest import tiny_backbone_kwargs
@@ -91,33 +92,6 @@ def test_bfloat16_dispatch_equal(rng):
                              dtype="bfloat16")
     np.testing.assert_array_equal(to_numpy(gather.dispatch(x)),
                                   to_numpy(einsum.dispatch(x)))
-
-
-def gradients(fn, args, jit):
-    """Gradients of the scalar fn(*args) with respect to every arg."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        grad = jax.grad(fn, argnums=tuple(range(len(args))))
-        return [to_numpy(g) for g in (jax.jit(grad) if jit else grad)(*args)]
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        def grad(*args):
-            with tf.GradientTape() as tape:
-                tape.watch(args)
-                value = fn(*args)
-            return tape.gradient(value, args)
-
-        if jit:
-            grad = tf.function(grad, jit_compile=True)
-        return [to_numpy(g) for g in grad(*map(tf.constant, args))]
-    import torch
-
-    args = [torch.tensor(a, requires_grad=True) for a in args]
-    fn(*args).backward()
-    return [to_numpy(a.grad) for a in args]
 
 
 @pytest.mark.parametrize("jit", [

@@ -7,8 +7,11 @@ import pytest
 
 import keras_e3
 from conftest import BACKEND
+from conftest import gradients
 from conftest import load_fixture
+from conftest import to_numpy
 from keras_e3.conversion.vmoe import vmoe_variable_map
+from keras_e3.layers.encoder_block import materialize_gradient
 
 
 def loss_and_grads(model, images, labels):
@@ -73,3 +76,20 @@ def test_training_step_matches_official(name):
         global_sq += float((grad.astype("float64") ** 2).sum())
     np.testing.assert_allclose(np.sqrt(global_sq), ref["grad_global_norm"],
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [
+    False, pytest.param(True, marks=[pytest.mark.jit, pytest.mark.skipif(
+        BACKEND == "torch", reason="XLA: JAX, TensorFlow")])])
+@pytest.mark.parametrize("first", [2.0, np.nan, np.inf])
+def test_materialize_gradient_is_identity(jit, first):
+    """The encoder blocks' gradient barrier passes values and gradients
+    through unchanged, NaN and inf included (its `cond` must never take
+    the zero branch)."""
+    x = np.array([[[1.0, np.nan], [np.inf, -3.0]]], "float32")
+    w = np.array([[[first, 5.0], [-7.0, 0.5]]], "float32")
+    np.testing.assert_array_equal(to_numpy(materialize_gradient(x)), x)
+    (grad,) = gradients(
+        lambda x: keras.ops.sum(keras.ops.multiply(materialize_gradient(x), w)),
+        [x], jit)
+    np.testing.assert_array_equal(grad, w)
