@@ -4,7 +4,8 @@ metadata and JSON output.
 
 Timing rule: a warm-up call (compilation, first allocations) is never
 timed; the result is the median of `repeats` further calls, each waiting
-until its result is ready.
+until its result is ready. Calls compared with each other are timed
+interleaved (`timed_interleaved`).
 
 Keras is imported only where needed, so that run_all.py and report.py
 (which only read and write JSON) start without a backend.
@@ -40,16 +41,29 @@ def backend():
 def timed(run, repeats, warmup=1):
     """(median seconds of `repeats` calls of run(), seconds of the first
     warm-up call)."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+    return timed_interleaved({0: run}, repeats, warmup)[0]
+
+
+def timed_interleaved(runs, repeats, warmup=1):
+    """{key: (median seconds of `repeats` calls of runs[key](), seconds of
+    its warm-up calls)}. After the warm-ups, the calls are
+    timed round robin (a, b, a, b, ...), so that a drift in the machine's
+    speed during the measurement shifts every call alike instead of
+    biasing their ratio."""
+    first = {}
+    for key, run in runs.items():
         start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+        for _ in range(warmup):
+            run()
+        first[key] = time.perf_counter() - start
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return {key: (statistics.median(times[key]), first[key])
+            for key in runs}
 
 
 def block(tree):

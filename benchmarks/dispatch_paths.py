@@ -10,7 +10,8 @@ cf 1.5), a dense ViT and a deep ensemble of two V-MoE S/32
 both members in one compiled call), at batch 32 and 128, with routing
 groups of 8 images (the paper's configs) and of the whole batch: per
 dispatch path, the median time of repeated compiled calls (warm-up
-excluded) of inference and of a training step (SGD), the model's useful
+excluded; the paths of one model and group setting timed interleaved)
+of inference and of a training step (SGD), the model's useful
 FLOPs per image (keras_e3.flops, routed tokens; also counted over every
 capacity slot), the useful GFLOP/s as a fraction of a
 compiled fp32 matmul peak measured in the same run and, on JAX, the
@@ -26,6 +27,7 @@ one run only.
 """
 
 import argparse
+import functools
 import time
 
 import keras
@@ -41,7 +43,7 @@ from _common import emit
 from _common import emit_row
 from _common import matmul_peak
 from _common import run_info
-from _common import timed
+from _common import timed_interleaved
 
 S32 = dict(image_size=224, patch_size=32, hidden_dim=512, num_layers=8,
            num_heads=8, mlp_dim=2048, representation_size=512)
@@ -148,22 +150,27 @@ def train_call(models, images, labels):
     return run, memory
 
 
-def measure(make_call, repeats, prefix, batch):
-    """Timing (and memory) fields of one compiled call, keys prefixed:
-    `_ms` (median), `_setup_s` (building and compiling the call, then the
-    warm-up call; on TensorFlow and PyTorch the compilation or tracing
-    happens in the warm-up call)."""
-    start = time.perf_counter()
-    run, memory = make_call()
-    build = time.perf_counter() - start
-    seconds, first = timed(run, repeats)
-    setup = build + first
-    fields = {f"{prefix}_ms": round(1e3 * seconds, 1),
-              f"{prefix}_images_per_s": round(batch / seconds, 1),
-              f"{prefix}_setup_s": round(setup, 1)}
-    for key, value in (memory or {}).items():
-        fields[f"{prefix}_{key}_bytes"] = value
-    return fields, seconds
+def measure(make_calls, repeats, prefix, batch):
+    """Timing (and memory) fields of compiled calls, {key: (fields,
+    seconds)}, keys of the fields prefixed: `_ms` (median), `_setup_s`
+    (building and compiling the call, then the warm-up call; on TensorFlow
+    and PyTorch the compilation or tracing happens in the warm-up call).
+    `make_calls` maps keys to functions returning (run, memory); every
+    call is built first, then they are timed interleaved."""
+    runs, memory, build = {}, {}, {}
+    for key, make_call in make_calls.items():
+        start = time.perf_counter()
+        runs[key], memory[key] = make_call()
+        build[key] = time.perf_counter() - start
+    out = {}
+    for key, (seconds, first) in timed_interleaved(runs, repeats).items():
+        fields = {f"{prefix}_ms": round(1e3 * seconds, 1),
+                  f"{prefix}_images_per_s": round(batch / seconds, 1),
+                  f"{prefix}_setup_s": round(build[key] + first, 1)}
+        for name, value in (memory[key] or {}).items():
+            fields[f"{prefix}_{name}_bytes"] = value
+        out[key] = fields, seconds
+    return out
 
 
 def group_settings(config, model_groups, args, batch):
@@ -175,40 +182,54 @@ def group_settings(config, model_groups, args, batch):
 
 
 def rows_for(name, batch, images, labels, args, peak):
+    """The rows of one model at one batch: per routing-group setting, one
+    row per dispatch path, the paths' calls timed interleaved."""
     config, members, model_groups = MODELS[name]
     moe = bool(config.get("num_experts"))
     train = batch in args.train_batches and name in args.train_models
     for images_per_group, label in group_settings(config, model_groups, args,
                                                   batch):
+        models, rows = {}, {}
         for dispatcher in (args.dispatchers if moe else ["-"]):
-            models = build(config, members, dispatcher, images_per_group)
+            models[dispatcher] = build(config, members, dispatcher,
+                                       images_per_group)
             # Useful work: every routed token through its K experts once
             # (the issue's 3.7 GFLOPs/img for E³); `..._capacity` counts
             # every capacity slot, empty ones included.
             useful, slots = (sum(keras_e3.count_flops(
-                m, expert_tokens=tokens)["flops"] for m in models) / 1e9
+                m, expert_tokens=tokens)["flops"]
+                for m in models[dispatcher]) / 1e9
                 for tokens in ("routed", "capacity"))
-            row = dict(model=name, batch=batch, members=members,
-                       images_per_group=images_per_group,
-                       dispatcher=dispatcher,
-                       gflops_per_image=round(useful, 3),
-                       gflops_per_image_capacity=round(slots, 3))
+            rows[dispatcher] = dict(
+                model=name, batch=batch, members=members,
+                images_per_group=images_per_group, dispatcher=dispatcher,
+                gflops_per_image=round(useful, 3),
+                gflops_per_image_capacity=round(slots, 3))
             if dispatcher == "gather":
-                row["gather_layout"] = gather_layout(models[0], batch)
-            fields, seconds = measure(lambda: inference_call(models, images),
-                                      args.repeats, "infer", batch)
+                rows[dispatcher]["gather_layout"] = gather_layout(
+                    models[dispatcher][0], batch)
+        timings = measure(
+            {d: functools.partial(inference_call, m, images)
+             for d, m in models.items()}, args.repeats, "infer", batch)
+        for dispatcher, (fields, seconds) in timings.items():
+            row = rows[dispatcher]
             row.update(fields)
-            rate = useful * batch / seconds
+            rate = row["gflops_per_image"] * batch / seconds
             row.update(infer_useful_gflops_per_s=round(rate, 1),
                        infer_peak_fraction=round(rate / peak, 3))
-            if train and label in ("-", *args.train_groups):
-                fields, _ = measure(lambda: train_call(models, images,
-                                                       labels),
-                                    args.train_repeats, "train", batch)
-                row.update(fields)
-            elif args.train_memory and backend() == "jax":
-                _, memory = train_call(models, images, labels)
-                row.update({f"train_{k}_bytes": v for k, v in memory.items()})
+        if train and label in ("-", *args.train_groups):
+            timings = measure(
+                {d: functools.partial(train_call, m, images, labels)
+                 for d, m in models.items()},
+                args.train_repeats, "train", batch)
+            for dispatcher, (fields, _) in timings.items():
+                rows[dispatcher].update(fields)
+        elif args.train_memory and backend() == "jax":
+            for dispatcher, m in models.items():
+                _, memory = train_call(m, images, labels)
+                rows[dispatcher].update(
+                    {f"train_{k}_bytes": v for k, v in memory.items()})
+        for row in rows.values():
             emit_row(row)
             yield row
 
