@@ -247,9 +247,9 @@ def parse(argv):
                         choices=list(MODELS))
     parser.add_argument("--dispatchers", nargs="+",
                         default=["einsum", "gather"])
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="timed inference calls (median)")
-    parser.add_argument("--train-repeats", type=int, default=2,
+    parser.add_argument("--train-repeats", type=int, default=3,
                         help="timed training steps (median)")
     parser.add_argument("--train-batches", type=int, nargs="*",
                         help="batches with a training step (default: all)")
