@@ -82,13 +82,15 @@ def _forward(x, params, tile_expert, num_used, tile_size, keep_pre):
 def _backward(dy, x, pre, params, tile_expert, num_used, tile_size):
     """Gradients (x, kernel_0, bias_0, kernel_1, bias_1) from dy [rows, H]."""
     num_tiles = x.shape[0] // tile_size
+    # The kernels transposed once, outside the loop: a matmul with a
+    # transposed slice ran at half the rate on XLA's CPU backend.
+    kernels_t = [ops.transpose(params[n], (0, 2, 1)) for n in (0, 2)]
 
     def run(i, e):
-        kernel_0, _, kernel_1, _ = _expert(params, e)
+        kernel_0_t, kernel_1_t = _expert(kernels_t, e)
         x_t, pre_t, dy_t = (_tile(a, i, tile_size) for a in (x, pre, dy))
-        d_pre = ops.matmul(dy_t, ops.transpose(kernel_1)) * \
-            gelu_grad(pre_t)
-        return (ops.matmul(d_pre, ops.transpose(kernel_0)),
+        d_pre = ops.matmul(dy_t, kernel_1_t) * gelu_grad(pre_t)
+        return (ops.matmul(d_pre, kernel_0_t),
                 ops.matmul(ops.transpose(x_t), d_pre), ops.sum(d_pre, 0),
                 ops.matmul(ops.transpose(gelu(pre_t)), dy_t),
                 ops.sum(dy_t, 0))
