@@ -11,7 +11,7 @@
 
 Results go to benchmarks/results/ (--quick: benchmarks/results/quick/).
 
-The full grid is budgeted for about 15 minutes on a 2-core CPU (PLANS):
+The full grid takes about 17 minutes on a 2-core CPU (PLANS):
 inference at batch 32 and 128 for every model; routing groups of the
 whole batch, the deep ensemble and the memory analysis on JAX only;
 training steps at batch 32 with groups of 8 images. Anything else:
