@@ -24,7 +24,8 @@ def materialize_gradient(x):
     conditional. The predicate, `g == g or isnan(g)` on one element, is
     always true (the other branch is never taken), but XLA cannot fold it;
     an optimization barrier would not do, as XLA's CPU pipeline removes
-    barriers before fusion.
+    barriers before fusion. On a GPU the conditional may cost a read of its
+    predicate by the host per block and step; not measured.
     """
     def grad(*args, upstream=None):
         if upstream is None:
