@@ -13,7 +13,9 @@ What is counted, per image:
 - ``attention``: per token Q, K, V and output projections (4 D^2) and per
   sequence the QK^T and AV matmuls (2 T^2 D).
 - ``mlp``: dense MLPs, 2 D x mlp_dim per token.
-- ``router``: D x E/M per token (each E³ copy is scored on its partition).
+- ``router``: D x E per token: one matmul scores each E³ copy against
+  every partition's experts, and the copy keeps its own partition's E/M
+  logits (`Router.call`).
 - ``moe_experts``: 2 D x mlp_dim per expert buffer slot. With
   ``expert_tokens="capacity"`` (default) every slot of every group's
   buffers counts, empty or not (what the einsum dispatcher computes):
@@ -124,8 +126,9 @@ def count_flops_from_config(num_classes=None, batch_size=None,
             groups = tokens / group_size
         else:
             groups = math.ceil(batch_size * tokens / group_size) / batch_size
-        # Padding tokens of a partial group are scored too.
-        macs["router"] += groups * group_size * d * (e // m)
+        # Padding tokens of a partial group are scored too, against all
+        # E experts (the router's one matmul; each keeps its partition's).
+        macs["router"] += groups * group_size * d * e
         slots = (groups * e * capacity if expert_tokens == "capacity"
                  else tokens * k)
         slots_per_image = slots
