@@ -42,8 +42,9 @@ class PatchAndPositionEmbedding(keras.layers.Layer):
     """Images [B, H, W, C] -> tokens [B, T, D].
 
     A conv with kernel = stride = patch size (kernel [p, p, C, D], HWIO as in
-    vmoe; computed as a matmul, `embed_patches`), row-major flattening of the patch grid, an optional class token
-    prepended, then the learned position embedding [1, T, D] added.
+    vmoe; computed as a matmul, `embed_patches`), row-major flattening of
+    the patch grid, an optional class token prepended, then the learned
+    position embedding [1, T, D] added.
     """
 
     def __init__(self, image_size, patch_size, hidden_dim, num_channels=3,
