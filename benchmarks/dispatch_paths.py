@@ -182,7 +182,7 @@ def group_settings(config, model_groups, args, batch):
     return sorted({(8 if g == "8" else batch, g) for g in wanted})
 
 
-def rows_for(name, batch, images, labels, args, peak):
+def rows_for(name, batch, images, labels, args):
     """The rows of one model at one batch: per routing-group setting, one
     row per dispatch path, the paths' calls timed interleaved."""
     config, members, model_groups = MODELS[name]
@@ -215,9 +215,8 @@ def rows_for(name, batch, images, labels, args, peak):
         for dispatcher, (fields, seconds) in timings.items():
             row = rows[dispatcher]
             row.update(fields)
-            rate = row["gflops_per_image"] * batch / seconds
-            row.update(infer_useful_gflops_per_s=round(rate, 1),
-                       infer_peak_fraction=round(rate / peak, 3))
+            row["infer_useful_gflops_per_s"] = round(
+                row["gflops_per_image"] * batch / seconds, 1)
         if train and label in ("-", *args.train_groups):
             timings = measure(
                 {d: functools.partial(train_call, m, images, labels)
@@ -285,10 +284,10 @@ def main(argv=None):
             rng.uniform(-1, 1, (batch, 224, 224, 3)).astype("float32"))
         labels = ops.convert_to_tensor(rng.integers(0, NUM_CLASSES, batch))
         for name in args.models:
-            rows += rows_for(name, batch, images, labels, args, peak_start)
+            rows += rows_for(name, batch, images, labels, args)
     # The peak is measured again at the end and the higher of the two is
     # the reference: a slow moment during one measurement must not inflate
-    # the useful-FLOP shares (the progress lines use the first one).
+    # the useful-FLOP shares.
     peak_end = matmul_peak(max(5, args.repeats))
     peak = max(peak_start, peak_end)
     for row in rows:
