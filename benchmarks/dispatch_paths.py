@@ -19,6 +19,13 @@ its end; the higher of the two) and, on JAX, the
 compiled memory of both calls (`memory_analysis()`: temp, argument,
 output bytes; peak = their sum less donated buffers).
 
+Routing: by default the routers are balanced on the benchmark images
+(`--routing balanced`, see `_routing.py`), so that the experts' loads are
+even, as a trained model's are, and the gather path is timed on the work
+the useful FLOPs count; `kept_fraction` is the share of routed choices
+within capacity (as initialised, `--routing initial`, a quarter of E³'s
+and a third of V-MoE's are dropped, which the gather path skips).
+
 Backends: JAX (`jax.jit`; the training step is Keras' own `train_step`,
 compiled ahead of time with the state donated, as `fit` does),
 TensorFlow (XLA, `jit_compile=True`; training with `train_on_batch`) and
@@ -45,6 +52,7 @@ from _common import emit_row
 from _common import matmul_peak
 from _common import run_info
 from _common import timed_interleaved
+from _routing import route
 
 S32 = dict(image_size=224, patch_size=32, hidden_dim=512, num_layers=8,
            num_heads=8, mlp_dim=2048, representation_size=512)
@@ -93,6 +101,23 @@ def gather_layout(model, batch):
             mlp.num_selected_experts, mlp.capacity,
             mlp.expert_tile_size(training=False)) else "buffers")
     return "/".join(sorted(layouts))
+
+
+def routing(models, images, mode):
+    """Routers of one row's models ({dispatcher: models}) as `mode` says
+    ("balanced": centred on the row's images, see `_routing`; "initial":
+    as initialised), the same for every dispatch path (set on the gather
+    path's models, the cheapest to run eagerly, and copied to the others),
+    and the fraction of routed choices the experts keep (the members'
+    mean), or None for a dense model."""
+    source = models.get("gather") or next(iter(models.values()))
+    kept = [route(model, images, balance=mode == "balanced")
+            for model in source]
+    for paths in models.values():
+        for model, reference in zip(paths, source):
+            if model is not reference:
+                model.set_weights(reference.get_weights())
+    return None if kept[0] is None else round(float(np.mean(kept)), 4)
 
 
 def prediction(logits):
@@ -209,6 +234,10 @@ def rows_for(name, batch, images, labels, args):
             if dispatcher == "gather":
                 rows[dispatcher]["gather_layout"] = gather_layout(
                     models[dispatcher][0], batch)
+        kept = routing(models, images, args.routing)
+        if kept is not None:
+            for row in rows.values():
+                row["kept_fraction"] = kept
         timings = measure(
             {d: functools.partial(inference_call, m, images)
              for d, m in models.items()}, args.repeats, "infer", batch)
@@ -261,6 +290,12 @@ def parse(argv):
     parser.add_argument("--train-memory", action="store_true",
                         help="JAX: compile the training step of the rows "
                         "without a timed step too, for its memory")
+    parser.add_argument("--routing", choices=["balanced", "initial"],
+                        default="balanced",
+                        help="routers centred on the benchmark images, so "
+                        "that the experts' loads are even as after "
+                        "training (default), or as initialised (a quarter "
+                        "to a third of the choices dropped)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.quick:
@@ -298,6 +333,7 @@ def main(argv=None):
         matmul_peak_gflops_per_s=round(peak, 1),
         matmul_peak_start_gflops_per_s=round(peak_start, 1),
         matmul_peak_end_gflops_per_s=round(peak_end, 1), repeats=args.repeats,
+        routing=args.routing,
         train_repeats=args.train_repeats, train_batches=args.train_batches,
         train_groups=args.train_groups, train_models=args.train_models,
         memory="compiled memory_analysis" if backend() == "jax"

@@ -97,11 +97,11 @@ def runs_table(paths, scaling, durations):
                          r.get("backend_version") or DASH, r.get("keras"),
                          r.get("cpus"), num(r.get("load_average_1min")),
                          num(r.get("matmul_peak_gflops_per_s")),
-                         r.get("repeats"), r.get("train_repeats", DASH),
+                         r.get("routing", DASH), r.get("repeats"), r.get("train_repeats", DASH),
                          num(seconds.get((script, backend)))])
     return table(["benchmark", "backend", "version", "Keras", "CPUs",
                   "load (1 min) at end", "matmul peak GFLOP/s",
-                  "repeats", "train repeats", "run s"], rows)
+                  "routers", "repeats", "train repeats", "run s"], rows)
 
 
 def paths_table(result):
@@ -109,17 +109,19 @@ def paths_table(result):
     for r in result["rows"]:
         rate = r.get("infer_useful_gflops_per_s")
         share = r.get("infer_peak_fraction")
+        kept = r.get("kept_fraction")
         rows.append([
             NAMES.get(r["model"], r["model"]), r["batch"], group_label(r),
             dispatch_label(r), num(r["gflops_per_image"], 2),
             num(r.get("gflops_per_image_capacity"), 2),
+            DASH if kept is None else f"{100 * kept:.1f}%",
             num(r["infer_ms"]), num(r["infer_images_per_s"]),
             f"{num(rate)} ({100 * share:.0f}%)" if share else DASH,
             num(r.get("train_ms")), mib(r.get("infer_peak_bytes")),
             mib(r.get("train_peak_bytes"))])
     return table(["model", "batch", "images / group", "dispatch",
                   "useful GFLOPs/img", "GFLOPs/img with capacity slots",
-                  "inference ms", "images/s",
+                  "choices kept", "inference ms", "images/s",
                   "useful GFLOP/s (of peak)", "train step ms",
                   "inference peak MiB", "train step peak MiB"], rows)
 
