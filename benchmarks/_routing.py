@@ -6,12 +6,14 @@ images to a few experts (the tokens share a large common component): with
 E³ S/32 about a quarter of the routed choices overflow the capacity and are
 dropped, V-MoE S/32 a third. The gather path skips dropped tokens, so it
 would be timed on less work than a trained model does, whose load loss
-keeps the experts' loads even. `balance_routers` removes from each router's
-kernel its response to the mean router input of the benchmark images (for
-E³, per member), which spreads the tokens about evenly over the experts:
-E³ S/32 then keeps about 99% of its choices, V-MoE S/32 (K=2, capacity
-factor 1.05) about 90%.
+keeps the experts' loads even. `route(..., balance=True)` removes from
+each router's kernel its response to the mean router input of the
+benchmark images (for E³, per member), which spreads the tokens about
+evenly over the experts: E³ S/32 then keeps about 98-100% of its choices,
+V-MoE S/32 (K=2, capacity factor 1.05) about 90% with groups of 8 images.
 """
+
+import contextlib
 
 import numpy as np
 from keras import ops
@@ -47,6 +49,22 @@ def kept_choices(gates, moe, valid=None):
         np.sum(routed))
 
 
+@contextlib.contextmanager
+def intercepted_routers(model, wrap):
+    """Within the block, each MoE layer's router of `model` (this instance
+    only) calls wrap(moe, router, call) instead of its own `call`, which
+    `wrap` receives as `call`; the routers are restored on exit."""
+    routers = [(block.mlp, block.mlp.router)
+               for block in model.backbone.moe_blocks]
+    for moe, router in routers:
+        router.call = wrap(moe, router, router.call)
+    try:
+        yield
+    finally:
+        for _, router in routers:
+            del router.call
+
+
 def route(model, images, balance=False):
     """Runs `model` eagerly on `images` and returns the fraction of routed
     (token, choice) pairs its MoE layers keep. With `balance`, each router's
@@ -54,24 +72,20 @@ def route(model, images, balance=False):
     layer in the one forward pass, so that each router sees the tokens of
     the balanced layers before it. Returns None for a dense model."""
     counts = []
-    routers = [(block.mlp, block.mlp.router)
-               for block in model.backbone.moe_blocks]
-    for moe, router in routers:
-        def call(x, valid=None, _moe=moe, _router=router,
-                 _call=router.call, **kwargs):
+
+    def wrap(moe, router, own_call):
+        def call(x, valid=None, **kwargs):
             if balance:
-                _router.kernel.assign(centred_kernel(
-                    ops.convert_to_numpy(_router.kernel),
-                    ops.convert_to_numpy(x), _router.ensemble_size))
-            gates, metrics = _call(x, valid=valid, **kwargs)
-            counts.append(kept_choices(gates, _moe, valid))
+                router.kernel.assign(centred_kernel(
+                    ops.convert_to_numpy(router.kernel),
+                    ops.convert_to_numpy(x), router.ensemble_size))
+            gates, metrics = own_call(x, valid=valid, **kwargs)
+            counts.append(kept_choices(gates, moe, valid))
             return gates, metrics
-        router.call = call  # this instance only, for this one pass
-    try:
+        return call
+
+    with intercepted_routers(model, wrap):
         model(images, training=False)
-    finally:
-        for _, router in routers:
-            del router.call
     if not counts:
         return None
     kept, routed = np.sum(counts, axis=0)

@@ -97,7 +97,8 @@ def runs_table(paths, scaling, durations):
                          r.get("backend_version") or DASH, r.get("keras"),
                          r.get("cpus"), num(r.get("load_average_1min")),
                          num(r.get("matmul_peak_gflops_per_s")),
-                         r.get("routing", DASH), r.get("repeats"), r.get("train_repeats", DASH),
+                         r.get("routing", DASH), r.get("repeats"),
+                         r.get("train_repeats", DASH),
                          num(seconds.get((script, backend)))])
     return table(["benchmark", "backend", "version", "Keras", "CPUs",
                   "load (1 min) at end", "matmul peak GFLOP/s",

@@ -23,17 +23,16 @@ CASES = {
 
 def first_router_input(model, images):
     """The first MoE layer's router input [G, S, H] for `images`."""
-    router = model.backbone.moe_blocks[0].mlp.router
     seen = []
 
-    def call(x, *args, _call=router.call, **kwargs):
-        seen.append(to_numpy(x))
-        return _call(x, *args, **kwargs)
-    router.call = call
-    try:
+    def wrap(moe, router, own_call):
+        def call(x, *args, **kwargs):
+            seen.append(to_numpy(x))
+            return own_call(x, *args, **kwargs)
+        return call
+
+    with _routing.intercepted_routers(model, wrap):
         model(images, training=False)
-    finally:
-        del router.call
     return seen[0]
 
 

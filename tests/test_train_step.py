@@ -90,6 +90,6 @@ def test_materialize_gradient_is_identity(jit, first):
     w = np.array([[[first, 5.0], [-7.0, 0.5]]], "float32")
     np.testing.assert_array_equal(to_numpy(materialize_gradient(x)), x)
     (grad,) = gradients(
-        lambda x: keras.ops.sum(keras.ops.multiply(materialize_gradient(x), w)),
-        [x], jit)
+        lambda x: keras.ops.sum(
+            keras.ops.multiply(materialize_gradient(x), w)), [x], jit)
     np.testing.assert_array_equal(grad, w)
