@@ -15,7 +15,6 @@ import keras
 import numpy as np
 
 import keras_e3
-from keras_e3.demo import describe
 from keras_e3.data import load_images
 
 parser = argparse.ArgumentParser()
@@ -32,6 +31,6 @@ log_probs = keras_e3.ensemble_log_probs(member_logits)  # [B, C]
 names = getattr(model, "class_names", None)
 for path, logits in zip(args.images, member_logits):
     print(path)
-    for line in describe(logits, names):
+    for line in keras_e3.evaluation.describe_members(logits, names):
         print("  " + line)
 print("ensemble log-probabilities shape:", tuple(log_probs.shape))

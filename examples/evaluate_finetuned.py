@@ -15,8 +15,8 @@ The same from the shell:
 import argparse
 import os
 
-from keras_e3 import evaluate
-from keras_e3.finetune import finetune
+import keras_e3
+from keras_e3.cli import main as keras_e3_cli
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="e3_tiny_digits")
@@ -26,10 +26,8 @@ parser.add_argument("--out", default="/tmp/keras_e3_evaluated")
 args = parser.parse_args()
 
 tuned = os.path.join(args.out, "preset")
-finetune(args.preset, "digits", tuned, shots=args.shots, epochs=args.epochs,
-         verbose=0)
-evaluate_parser = argparse.ArgumentParser()
-evaluate.add_arguments(evaluate_parser)
-evaluate.run(evaluate_parser.parse_args([
-    "--preset", tuned, "--data", "digits", "--ood-data", "digits-rotated",
-    "--out", os.path.join(args.out, "report")]))
+keras_e3.training.finetune(args.preset, "digits", tuned, shots=args.shots,
+                           epochs=args.epochs, verbose=0)
+keras_e3_cli(["evaluate", "--preset", tuned, "--data", "digits",
+              "--ood-data", "digits-rotated",
+              "--out", os.path.join(args.out, "report")])

@@ -21,9 +21,6 @@ import numpy as np
 import keras_e3
 from keras_e3.data import load_image_folder
 from keras_e3.data import sample_k_shot
-from keras_e3.fewshot import fewshot_evaluate
-from keras_e3.finetune import finetune
-from keras_e3.preset_loader import load_preprocessor
 
 parser = argparse.ArgumentParser()
 parser.add_argument("folder", nargs="?")
@@ -45,15 +42,15 @@ if folder is None:  # a stand-in data set: inverted digits 0-4 as PNG files
                                  255 - np.round(image[..., None] * 255 / 16),
                                  scale=False)
 
-x, y, classes = load_image_folder(folder, load_preprocessor(args.preset))
 model = keras_e3.E3ViT.from_preset(args.preset)
+x, y, classes = load_image_folder(folder, model.preprocessor_config)
 test = np.setdiff1d(np.arange(len(y)), sample_k_shot(y, max(args.shots)))
-probe = fewshot_evaluate(model, (x, y), (x[test], y[test]),
+probe = keras_e3.fewshot.fewshot_evaluate(model, (x, y), (x[test], y[test]),
                          shots=args.shots, seeds=(0,))
 print("linear probe:", json.dumps(probe["results"], indent=1, default=float))
 for k in args.shots:
     out = tempfile.mkdtemp(prefix=f"keras_e3_{k}shot_")
-    summary = finetune(args.preset, folder, out, shots=k,
+    summary = keras_e3.training.finetune(args.preset, folder, out, shots=k,
                        epochs=args.epochs, train="all", verbose=0)
     print(f"fine-tuned on {k} shot(s) of {len(classes)} classes: held-out "
           f"accuracy {summary['held_out']['ensemble/accuracy']:.3f} "

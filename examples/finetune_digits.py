@@ -14,7 +14,6 @@ import json
 
 import keras_e3
 from keras_e3.data.digits import load_digits_splits
-from keras_e3.finetune import finetune
 from keras_e3.metrics import evaluate_predictions
 
 parser = argparse.ArgumentParser()
@@ -27,8 +26,9 @@ args = parser.parse_args()
 _, (x_test, y_test) = load_digits_splits()
 before = evaluate_predictions(
     keras_e3.E3ViT.from_preset(args.preset).predict_members(x_test), y_test)
-summary = finetune(args.preset, "digits", args.out, shots=args.shots,
-                   epochs=args.epochs, verbose=0)
+summary = keras_e3.training.finetune(
+    args.preset, "digits", args.out, shots=args.shots, epochs=args.epochs,
+    verbose=0)
 after = summary["held_out"]
 print(json.dumps({
     "preset": args.preset, "shots": args.shots, "epochs": args.epochs,

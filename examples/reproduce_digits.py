@@ -32,7 +32,7 @@ images; one image is 0.22 accuracy points):
   for every model). Scores: maximum softmax probability (MSP, all models),
   predictive entropy (all models) and the members' mutual information
   (E³ and DE only, the models with several members);
-* GFLOPs per image from `keras_e3.flops.count_flops` (analytic, matmuls
+* GFLOPs per image from `keras_e3.count_flops` (analytic, matmuls
   only, expert buffers at full capacity, routing groups amortised; the DE
   is the sum over its 2 V-MoEs).
 
@@ -56,7 +56,7 @@ sys.path.insert(0, HERE)
 
 import train_digits  # noqa: E402  (the recipe and the model configs)
 
-from keras_e3.deep_ensemble import DeepEnsemble  # noqa: E402
+import keras_e3  # noqa: E402
 from keras_e3.metrics import auroc  # noqa: E402
 from keras_e3.metrics import entropy_score  # noqa: E402
 from keras_e3.metrics import evaluate_predictions  # noqa: E402
@@ -130,10 +130,11 @@ def run_seed(seed, args, data, ood):
                           seed + args.de_offset)):
         models[key], seconds[key] = train(name, s, args.epochs, data)
     ensembles = {
-        "ViT": (DeepEnsemble([models["vit"]]), seconds["vit"]),
-        "V-MoE": (DeepEnsemble([models["vmoe"]]), seconds["vmoe"]),
-        "E³": (DeepEnsemble([models["e3"]]), seconds["e3"]),
-        "DE (2×V-MoE)": (DeepEnsemble([models["vmoe"], models["vmoe_b"]]),
+        "ViT": (keras_e3.DeepEnsemble([models["vit"]]), seconds["vit"]),
+        "V-MoE": (keras_e3.DeepEnsemble([models["vmoe"]]), seconds["vmoe"]),
+        "E³": (keras_e3.DeepEnsemble([models["e3"]]), seconds["e3"]),
+        "DE (2×V-MoE)": (keras_e3.DeepEnsemble([models["vmoe"],
+                                                models["vmoe_b"]]),
                          seconds["vmoe"] + seconds["vmoe_b"]),
     }
     result = {}

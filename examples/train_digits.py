@@ -22,7 +22,7 @@ calls per image.
 Each model is evaluated on the held-out split (accuracy, NLL, ECE with 15
 equal-width bins, Brier; per member and for the ensemble, whose
 probabilities are the mean of the members' softmaxes) and saved as a preset
-(`keras_e3.preset_io.save_preset`) in `--out-dir/<name>/` with the metrics
+(`model.save_to_preset`) in `--out-dir/<name>/` with the metrics
 in its metadata.json. A JSON summary is printed at the end.
 
 JAX is the fastest backend on CPU (the training step is XLA-compiled).
@@ -38,7 +38,6 @@ import keras
 import numpy as np
 
 import keras_e3
-from keras_e3 import preset_io
 from keras_e3.data.digits import NUM_CLASSES
 from keras_e3.data.digits import digits_preprocessor
 from keras_e3.data.digits import load_digits_splits
@@ -146,9 +145,8 @@ def train_one(name, args, train, test):
     training["train_seconds"] = round(train_seconds, 1)
     if not args.no_save:
         out = os.path.join(args.out_dir, name)
-        preset_io.save_preset(
-            out, model.backbone, task=model,
-            preprocessor=digits_preprocessor(IMAGE_SIZE, NUM_CHANNELS),
+        model.save_to_preset(
+            out, preprocessor=digits_preprocessor(IMAGE_SIZE, NUM_CHANNELS),
             extra_metadata={
                 "dataset": "sklearn load_digits",
                 "split": {"loader": "keras_e3.data.digits.load_digits_splits",
@@ -166,9 +164,8 @@ def train_one(name, args, train, test):
 
 def check_reload(preset_dir, model, images):
     """The saved preset must predict exactly what the trained model does."""
-    from keras_e3.preset_loader import load_task
 
-    reloaded = load_task(keras_e3.E3ViT, preset_dir)
+    reloaded = keras_e3.E3ViT.from_preset(preset_dir)
     before = model.predict(images, batch_size=256, verbose=0)
     after = reloaded.predict(images, batch_size=256, verbose=0)
     if not np.array_equal(before, after):

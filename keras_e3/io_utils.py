@@ -1,10 +1,12 @@
-"""Atomic file writes and JSON-safe values, shared by reports, plots and
-presets: a crash never leaves a half-written file behind."""
+"""Atomic writes of files and directories, and JSON-safe values, shared by
+reports, plots, presets and exports: a crash never leaves a half-written
+file or directory behind."""
 
 import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -34,6 +36,50 @@ def atomic_path(path, suffix=""):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class atomic_directory:
+    """`with atomic_directory(target) as tmp:` write into tmp; on success
+    tmp replaces target (the old one is removed only after the swap)."""
+
+    def __init__(self, target):
+        self.target = os.path.abspath(os.fspath(target))
+
+    def __enter__(self):
+        parent = os.path.dirname(self.target)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(
+            dir=parent, prefix=f".{os.path.basename(self.target)}.tmp-")
+        default_permissions(self.tmp, directory=True)  # not mkdtemp's 0700
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if os.path.lexists(self.target):
+            if not os.path.isdir(self.target):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise ValueError(f"{self.target} exists and is not a "
+                                 "directory.")
+            old = tempfile.mkdtemp(
+                dir=os.path.dirname(self.target),
+                prefix=f".{os.path.basename(self.target)}.old-")
+            os.rmdir(old)
+            os.rename(self.target, old)
+        os.rename(self.tmp, self.target)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def write_text_atomic(path, text):
+    """Writes `text` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return path
 
 
 def json_safe(x):

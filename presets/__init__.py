@@ -1,2 +1,3 @@
-"""Preset cards (JSON), installed as the `keras_e3.preset_cards` package;
-read by `keras_e3.registry`."""
+"""Built-in preset cards (JSON) and the small presets shipped beside them,
+installed as the package data of `keras_e3.presets.builtin_cards`; read by
+`keras_e3.presets.builtin`."""

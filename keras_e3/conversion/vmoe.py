@@ -175,6 +175,17 @@ def infer_image_size(params, patch_size, classifier):
     return (side * patch_size[0], side * patch_size[1])
 
 
+# Flax's SelfAttention sub-layers -> Keras MultiHeadAttention's (whose
+# public weight paths end in "<sub-layer>/<kernel|bias>").
+ATTENTION_DENSES = {"query": "query", "key": "key", "value": "value",
+                    "out": "attention_output"}
+
+
+def _by_path_tail(weights):
+    """{"<sub-layer>/<weight>": variable}, from the variables' paths."""
+    return {"/".join(w.path.split("/")[-2:]): w for w in weights}
+
+
 def vmoe_variable_map(model):
     """{official Flax parameter name: keras Variable} for an E3ViT."""
     backbone = model.backbone
@@ -200,13 +211,11 @@ def vmoe_variable_map(model):
         for j, ln in enumerate((block.norm_0, block.norm_1)):
             out[f"{p}LayerNorm_{j}/scale"] = ln.gamma
             out[f"{p}LayerNorm_{j}/bias"] = ln.beta
-        att = block.attention
-        for name, dense in (("query", att._query_dense),
-                            ("key", att._key_dense),
-                            ("value", att._value_dense),
-                            ("out", att._output_dense)):
-            out[f"{p}SelfAttention/{name}/kernel"] = dense.kernel
-            out[f"{p}SelfAttention/{name}/bias"] = dense.bias
+        attention = _by_path_tail(block.attention.weights)
+        for name, keras_name in ATTENTION_DENSES.items():
+            for kind in ("kernel", "bias"):
+                out[f"{p}SelfAttention/{name}/{kind}"] = attention[
+                    f"{keras_name}/{kind}"]
         if block.is_moe:
             experts = block.mlp.experts
             out[f"{p}Moe/Router/dense/kernel"] = block.mlp.router.kernel

@@ -15,6 +15,8 @@ first when `needs_one_hot` is set, so compile with
 
 import keras
 
+from keras_e3.layers.embedding import as_pair
+
 
 class Augmentation:
     """Image layers, then an optional label-mixing layer.
@@ -69,7 +71,7 @@ def make_augmentation(value_range=(-1.0, 1.0), flip=True, rand_augment=None,
     if flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
     if crop is not None:
-        height, width = (crop, crop) if isinstance(crop, int) else crop
+        height, width = as_pair(crop, "crop")
         layers.append(keras.layers.RandomCrop(height, width, seed=seed))
     if rand_augment:
         options = rand_augment if isinstance(rand_augment, dict) else {}

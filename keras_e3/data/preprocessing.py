@@ -18,6 +18,8 @@ resize, so any backend) and on `tf.Tensor`s inside a `tf.data` map
 
 import numpy as np
 
+from keras_e3.layers.embedding import as_pair
+
 LUMA = (0.2989, 0.5870, 0.1140)
 DEFAULT_SOURCE_RANGE = (0.0, 255.0)
 DEFAULT_VALUE_RANGE = (-1.0, 1.0)
@@ -38,7 +40,7 @@ class ImagePreprocessor:
                  value_range=DEFAULT_VALUE_RANGE,
                  source_range=DEFAULT_SOURCE_RANGE, interpolation="bilinear"):
         if image_size is not None:
-            image_size = _pair(image_size)
+            image_size = as_pair(image_size, "image_size")
         if num_channels is not None and num_channels not in (1, 3, 4):
             raise ValueError(f"num_channels must be 1, 3 or 4; got "
                              f"{num_channels}.")
@@ -136,16 +138,6 @@ def _check_rank(rank, shape):
     if rank not in (3, 4):
         raise ValueError("images must be [H, W, C] or [B, H, W, C] "
                          f"(channels last); got shape {tuple(shape)}.")
-
-
-def _pair(size):
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be an int or (height, width); "
-                         f"got {size}.")
-    return size
 
 
 def _range(value, name):

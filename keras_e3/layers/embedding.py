@@ -1,16 +1,22 @@
 """Patch embedding, class token and learned (resizable) position embedding."""
 
+import numbers
+
 import keras
 import numpy as np
 from keras import ops
 
 
 def as_pair(value, name):
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+    """An int or a (height, width) pair of ints -> a (height, width) tuple
+    of Python ints; a clear ValueError naming `name` otherwise."""
+    integral = (numbers.Integral,)
+    pair = (value, value) if isinstance(value, integral) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, integral) and v > 0
+                                 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them; "
                          f"got {value!r}.")
-    return pair
+    return tuple(int(v) for v in pair)
 
 
 def resample_position_embedding(pos_embedding, old_grid, new_grid,

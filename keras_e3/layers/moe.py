@@ -1,6 +1,7 @@
 """Sparse mixture-of-experts MLP with routing groups (V-MoE and E³)."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_e3.layers.dispatch import DISPATCHERS
@@ -10,6 +11,52 @@ from keras_e3.layers.dispatch import make_dispatcher
 from keras_e3.layers.dispatch import tiles_supported
 from keras_e3.layers.mlp import ExpertsMlp
 from keras_e3.layers.router import Router
+
+
+DEFAULT_GROUP_IMAGES = 8
+
+
+def default_group_size(tokens_per_image, ensemble_size=1):
+    """vmoe's default routing group: the token copies of 8 images."""
+    return DEFAULT_GROUP_IMAGES * tokens_per_image * ensemble_size
+
+
+def expert_axis_size(distribution=None):
+    """How many devices the experts are split over under `distribution`
+    (default: the active one); 1 when experts are not sharded."""
+    distribution = distribution or keras.distribution.distribution()
+    layout = None
+    if isinstance(distribution, keras.distribution.ModelParallel):
+        layout = distribution.get_tensor_layout("experts/kernel_0")
+    if layout is None or layout.axes[0] is None:
+        return 1
+    mesh = layout.device_mesh
+    return mesh.shape[mesh.axis_names.index(layout.axes[0])]
+
+
+def check_num_experts(num_experts, distribution=None):
+    """Raises a ValueError if the experts cannot be split evenly over the
+    active distribution's expert axis."""
+    size = expert_axis_size(distribution)
+    if num_experts and num_experts % size:
+        raise ValueError(
+            f"num_experts={num_experts} cannot be sharded over an expert "
+            f"axis of {size} devices: it must be a multiple of {size}.")
+
+
+def ungroup(rows, num_tokens, tokens, ensemble_size=1):
+    """Routing-group rows [G, S, ...] back to [B*M, T, ...] (row b*M + m is
+    member m of image b): the inverse of the grouping `MoeMlp` routes, whose
+    groups hold the token copies in [B, T, M] order, padding last.
+    `num_tokens` (= B*T*M) drops the padding of a partial last group. Works
+    on NumPy arrays (NumPy in, NumPy out) and on tensors."""
+    xp = np if isinstance(rows, np.ndarray) else ops
+    m, trailing = ensemble_size, tuple(rows.shape[2:])
+    flat = xp.reshape(rows, (-1, *trailing))[:num_tokens]
+    if m > 1:  # [B, T, M, ...] -> [B, M, T, ...]
+        flat = xp.reshape(flat, (-1, tokens, m, *trailing))
+        flat = xp.transpose(flat, (0, 2, 1, *range(3, 3 + len(trailing))))
+    return xp.reshape(flat, (-1, tokens, *trailing))
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
@@ -100,14 +147,6 @@ class MoeMlp(keras.layers.Layer):
         groups = ops.reshape(flat, (-1, self.group_size, hidden))
         return groups, valid, num_tokens
 
-    def _from_groups(self, y, num_tokens, tokens):
-        m, hidden = self.ensemble_size, y.shape[-1]
-        y = ops.reshape(y, (-1, hidden))[:num_tokens]
-        if m > 1:  # [B, T, M, H] -> [B, M, T, H]
-            y = ops.transpose(ops.reshape(y, (-1, tokens, m, hidden)),
-                              (0, 2, 1, 3))
-        return ops.reshape(y, (-1, tokens, hidden))
-
     def call(self, x, training=None, return_routing=False):
         groups, valid, num_tokens = self._to_groups(x)
         gates, metrics = self.router(groups, valid=valid, training=training)
@@ -119,7 +158,7 @@ class MoeMlp(keras.layers.Layer):
         expert_outputs = dispatcher.run_experts(
             self.experts, dispatcher.dispatch(groups), training=training)
         y = dispatcher.combine(expert_outputs)
-        y = self._from_groups(y, num_tokens, x.shape[1])
+        y = ungroup(y, num_tokens, x.shape[1], self.ensemble_size)
         if not return_routing:
             return y
         routing = dict(metrics, gates=gates, valid=valid,

@@ -4,6 +4,27 @@ import keras
 from keras import ops
 
 
+def check_experts(num_experts, num_selected_experts, ensemble_size):
+    """The E³ partition rule, the one place it is checked: `ensemble_size`
+    M >= 1 divides `num_experts` E into equal partitions, and each token
+    copy picks K (`num_selected_experts`) experts of its own partition:
+    1 <= K <= E / M."""
+    if ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be >= 1; got {ensemble_size}.")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1; got {num_experts}.")
+    if num_experts % ensemble_size:
+        raise ValueError(f"ensemble_size={ensemble_size} must divide "
+                         f"num_experts={num_experts}: E³ partitions the "
+                         f"experts into ensemble_size equal groups.")
+    per_member = num_experts // ensemble_size
+    if not 1 <= num_selected_experts <= per_member:
+        raise ValueError(
+            f"num_selected_experts (K) = {num_selected_experts} must be "
+            f"between 1 and the experts per ensemble member "
+            f"({num_experts} / {ensemble_size} = {per_member}).")
+
+
 def importance_loss(gates, valid=None):
     """(std / mean)^2 over experts of the summed gates. gates [..., S, E]."""
     if valid is not None:
@@ -76,17 +97,7 @@ class Router(keras.layers.Layer):
                  load_loss_weight=0.005, gshard_loss_weight=0.0,
                  kernel_initializer="lecun_normal", seed=None, **kwargs):
         super().__init__(**kwargs)
-        if ensemble_size < 1 or num_experts % ensemble_size:
-            raise ValueError(
-                f"ensemble_size={ensemble_size} must be >= 1 and divide "
-                f"num_experts={num_experts}.")
-        experts_per_member = num_experts // ensemble_size
-        if not 1 <= num_selected_experts <= experts_per_member:
-            raise ValueError(
-                f"num_selected_experts={num_selected_experts} must be between "
-                f"1 and the number of experts per ensemble member "
-                f"({num_experts} experts / {ensemble_size} members = "
-                f"{experts_per_member}).")
+        check_experts(num_experts, num_selected_experts, ensemble_size)
         self.num_experts = num_experts
         self.num_selected_experts = num_selected_experts
         self.ensemble_size = ensemble_size

@@ -3,15 +3,16 @@
 import keras
 from keras import ops
 
-from keras_e3.distribution import check_num_experts
 from keras_e3.layers.embedding import PatchAndPositionEmbedding
 from keras_e3.layers.encoder_block import LAYER_NORM_EPSILON
 from keras_e3.layers.encoder_block import EncoderBlock
 from keras_e3.layers.ensemble import EnsembleTile
+from keras_e3.layers.moe import check_num_experts
+from keras_e3.layers.moe import default_group_size
+from keras_e3.layers.router import check_experts
 from keras_e3.models.preset_mixin import PresetMixin
 
 CLASSIFIERS = ("token", "gap")
-DEFAULT_GROUP_IMAGES = 8
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
@@ -67,8 +68,8 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                  dispatcher="auto", dispatch_dtype=None, seed=None,
                  dtype=None, **kwargs):
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
-        _validate(num_layers, classifier, num_experts, moe_layers,
-                  num_selected_experts, ensemble_size)
+        validate_config(num_layers, classifier, num_experts, moe_layers,
+                        num_selected_experts, ensemble_size)
         if moe_layers:  # experts split evenly over a distribution's devices
             check_num_experts(num_experts)
         # === Layers ===
@@ -77,8 +78,8 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             use_class_token=classifier == "token", dtype=dtype,
             name="embedding")
         tokens = embedding.num_tokens
-        resolved_group_size = group_size or (
-            DEFAULT_GROUP_IMAGES * tokens * ensemble_size)
+        resolved_group_size = group_size or default_group_size(
+            tokens, ensemble_size)
         moe = dict(
             num_experts=num_experts, group_size=resolved_group_size,
             num_selected_experts=num_selected_experts,
@@ -246,8 +247,10 @@ def _forward(layers, images, training=None, collect=None):
     return {"sequence_output": sequence, "pooled_output": pooled}
 
 
-def _validate(num_layers, classifier, num_experts, moe_layers,
-              num_selected_experts, ensemble_size):
+def validate_config(num_layers, classifier, num_experts, moe_layers,
+                    num_selected_experts, ensemble_size):
+    """Checks a backbone's layout settings (also used by the FLOP counter,
+    which counts models it does not build)."""
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier must be one of {CLASSIFIERS}; "
                          f"got {classifier!r}.")
@@ -265,13 +268,4 @@ def _validate(num_layers, classifier, num_experts, moe_layers,
     if num_experts < 1:
         raise ValueError(f"moe_layers={moe_layers} needs num_experts >= 1; "
                          f"got {num_experts}.")
-    if num_experts % ensemble_size:
-        raise ValueError(f"ensemble_size={ensemble_size} must divide "
-                         f"num_experts={num_experts}: E³ partitions the "
-                         f"experts into ensemble_size equal groups.")
-    per_member = num_experts // ensemble_size
-    if not 1 <= num_selected_experts <= per_member:
-        raise ValueError(
-            f"num_selected_experts (K) = {num_selected_experts} must be "
-            f"between 1 and the experts per ensemble member "
-            f"({num_experts} / {ensemble_size} = {per_member}).")
+    check_experts(num_experts, num_selected_experts, ensemble_size)

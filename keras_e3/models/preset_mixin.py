@@ -11,9 +11,9 @@ class PresetMixin:
         overrides: `num_classes` (classifier only: a fresh head),
         `image_size` (position embeddings resampled), `load_weights`,
         `dtype`, and weight-free settings such as `capacity_factor`; see
-        `keras_e3.preset_loader`.
+        `keras_e3.presets.loader`.
         """
-        from keras_e3.preset_loader import from_preset
+        from keras_e3.presets.loader import from_preset
 
         return from_preset(cls, preset, **kwargs)
 
@@ -21,8 +21,8 @@ class PresetMixin:
     def abstract_from_preset(cls, preset, **kwargs):
         """The preset's architecture with shapes but no weight memory, to
         count the parameters and FLOPs of models too big to instantiate
-        (see `keras_e3.preset_loader.abstract_model`)."""
-        from keras_e3.preset_loader import abstract_model
+        (see `keras_e3.presets.loader.abstract_model`)."""
+        from keras_e3.presets.loader import abstract_model
 
         return abstract_model(cls, preset, **kwargs)
 
@@ -32,7 +32,7 @@ class PresetMixin:
         """Writes a preset directory (keras-hub's layout) atomically, with
         the sha256 of every file in metadata.json. `max_shard_size` (GB)
         splits the weights into shards (Keras' sharded weights format)."""
-        from keras_e3.preset_loader import save_to_preset
+        from keras_e3.presets.loader import save_to_preset
 
         return save_to_preset(self, preset_dir, preprocessor=preprocessor,
                               extra_metadata=extra_metadata,

@@ -1,0 +1,205 @@
+"""Expert and data parallelism (keras_e3.distribution), sharded presets and
+abstract large models.
+
+The multi-device checks run in subprocesses (tests/distributed_check.py) on
+simulated CPU devices: 8 for JAX (XLA_FLAGS=--xla_force_host_platform_
+device_count=8), 2 for TensorFlow's MirroredStrategy.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras_e3
+from conftest import BACKEND
+from conftest import FIXTURES
+from conftest import ROOT
+from keras_e3 import distribution as e3_dist
+from keras_e3.presets import builtin as registry
+from keras_e3.presets.files import PresetError
+
+TOL = 1e-5
+CHECK = ROOT / "tests" / "distribution" / "distributed_check.py"
+
+
+def run_check(backend, tmp_path_factory):
+    pytest.importorskip(backend)
+    if not FIXTURES.is_dir():
+        pytest.skip(f"golden fixtures not found at {FIXTURES}")
+    out = tmp_path_factory.mktemp(f"dist_{backend}") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, str(CHECK), backend, str(FIXTURES), str(out)],
+        env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def jax_report(tmp_path_factory):
+    return run_check("jax", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tf_report(tmp_path_factory):
+    return run_check("tensorflow", tmp_path_factory)
+
+
+DISTRIBUTIONS = {"expert_parallel_2x4": 4, "expert_parallel_1x8": 8,
+                 "data_parallel_8": 1}
+
+
+@pytest.mark.single_backend
+@pytest.mark.parametrize("config", ["e3", "vmoe"])
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_distributed_matches_single_device(jax_report, config, name):
+    assert jax_report["devices"] == 8
+    result = jax_report[config][name]
+    assert result["forward_max_diff"] <= TOL
+    assert result["loss_diff"] <= TOL
+    assert result["train_step_max_diff"] <= TOL
+
+
+@pytest.mark.single_backend
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_expert_weights_are_sharded(jax_report, name):
+    expert_devices = DISTRIBUTIONS[name]
+    shards = jax_report["e3"][name]["expert_shards"]
+    # 2 MoE layers x (kernel_0, bias_0, kernel_1, bias_1), 8 experts each.
+    assert len(shards) == 8
+    for path, (spec, local_shape) in shards.items():
+        expected = "expert" if expert_devices > 1 else None
+        assert spec[0] == expected, path
+        assert all(axis is None for axis in spec[1:]), path
+        assert local_shape[0] == 8 // expert_devices, path
+
+
+@pytest.mark.single_backend
+def test_sharded_save_loads_into_another_mesh(jax_report):
+    result = jax_report["sharded_save"]
+    shards = [f for f in result["files"] if f.endswith(".weights.h5")
+              and f.startswith("model_")]
+    assert len(shards) >= 2 and "model.weights.json" in result["files"]
+    assert result["loaded_weights_identical"]
+    assert result["loaded_1x8_max_diff"] <= TOL
+    assert result["loaded_single_max_diff"] <= TOL
+    for spec, local_shape in result["loaded_expert_shards"].values():
+        assert spec[0] == "expert" and local_shape[0] == 1
+
+
+@pytest.mark.single_backend
+def test_expert_sharded_vmoe_checkpoint_on_another_mesh(jax_report):
+    """Saved by vmoe with experts over 4 devices, loaded with experts over
+    2 devices (and the batch over 4): the official logits."""
+    result = jax_report["vmoe_checkpoint"]
+    assert result["logits_max_diff"] <= TOL
+    for spec, local_shape in result["expert_shards"].values():
+        assert spec[0] == "expert" and local_shape[0] == 4 // 2
+
+
+@pytest.mark.single_backend
+def test_distribution_errors_are_clear(jax_report):
+    errors = jax_report["errors"]
+    assert "batch=3 does not divide the 8 devices" in errors["mesh"]
+    assert "num_experts=4 cannot be sharded over an expert axis of 8" in \
+        errors["experts"]
+
+
+@pytest.mark.single_backend
+def test_tf_mirrored_strategy_matches_single_device(tf_report):
+    result = tf_report["e3"]
+    assert result["replicas"] == 2
+    assert result["forward_max_diff"] <= TOL
+    assert result["loss_diff"] <= TOL
+    assert result["train_step_max_diff"] <= TOL
+
+
+def test_keras_distribution_needs_jax():
+    if BACKEND == "jax":
+        with pytest.raises(ValueError, match="does not divide the 1 dev"):
+            e3_dist.device_mesh(batch=2)
+        assert e3_dist.expert_axis_size() == 1
+        return
+    with pytest.raises(RuntimeError, match="JAX backend only"):
+        e3_dist.expert_parallel(expert=1)
+    if BACKEND == "torch":
+        with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow"):
+            e3_dist.tf_data_parallel()
+
+
+# Parameter counts reported by the papers (V-MoE: Riquelme et al. 2021;
+# E³: Allingham et al. 2022), in billions, to their precision.
+PAPER_PARAMS = {"vmoe_l16_every2": 3.4, "eee_h14_last5": 2.7}
+
+
+@pytest.mark.single_backend
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_large_presets_build_abstractly(name):
+    model = keras_e3.E3ViT.abstract_from_preset(name)
+    count = model.count_params()
+    assert count == registry.builtin_presets()[name]["parameter_count"]
+    assert round(count / 1e9, 1) == PAPER_PARAMS[name]
+    # Shapes only: no variable holds a value (Keras' deferred init).
+    assert all(v._value is None for v in model.weights)
+    flops = keras_e3.count_flops(model)["flops"]
+    assert round(flops / 1e9, 3) == \
+        registry.builtin_presets()[name]["gflops_per_image"]
+    with pytest.raises(ValueError, match="no weights to load"):
+        keras_e3.E3ViT.abstract_from_preset(name, load_weights=True)
+
+
+def tiny_task():
+    from conftest import tiny_backbone_kwargs
+
+    backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs())
+    return keras_e3.E3ViT(backbone, num_classes=3)
+
+
+def test_sharded_preset_round_trip_and_damage(tmp_path, rng):
+    model = tiny_task()
+    model.set_weights([rng.normal(size=w.shape).astype(w.dtype)
+                       for w in model.get_weights()])
+    preset = tmp_path / "sharded"
+    model.save_to_preset(preset, max_shard_size=0.00002)
+    files = set(os.listdir(preset))
+    shards = sorted(f for f in files if f.startswith("model_"))
+    assert "model.weights.json" in files and "model.weights.h5" not in files
+    assert len(shards) >= 2
+    listed = json.loads((preset / "metadata.json").read_text())["files"]
+    assert set(shards) <= set(listed)
+    loaded = keras_e3.E3ViT.from_preset(str(preset))
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    damaged = preset / shards[-1]
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    with pytest.raises(PresetError, match=shards[-1]):
+        keras_e3.E3ViT.from_preset(str(preset))
+    with pytest.raises(ValueError, match="max_shard_size"):
+        model.save_to_preset(tmp_path / "bad", max_shard_size=0)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.single_backend
+def test_parameter_bytes_per_device_from_layouts():
+    """Planned from an abstract model and a mesh of device names: only the
+    expert weights are divided by the expert axis."""
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution runs on JAX")
+    from keras import distribution as kd
+
+    model = keras_e3.E3ViT.abstract_from_preset("eee_h14_last5")
+    total = 4 * model.count_params()
+    experts = 4 * sum(int(np.prod(v.shape)) for v in model.weights
+                      if "/experts/" in v.path)
+    assert e3_dist.parameter_bytes_per_device(model) == total
+    mesh = kd.DeviceMesh((2, 8), ("batch", "expert"),
+                         [f"cpu:{i}" for i in range(16)])
+    dist = kd.ModelParallel(layout_map=e3_dist.expert_layout_map(mesh),
+                            batch_dim_name="batch")
+    assert e3_dist.parameter_bytes_per_device(model, dist) == \
+        total - experts + experts // 8
+    assert e3_dist.expert_axis_size(dist) == 8
