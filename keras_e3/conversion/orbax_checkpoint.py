@@ -143,13 +143,14 @@ def find_orbax_step(path):
         if not os.path.isfile(os.path.join(step_dir, _STEP_METADATA)):
             step_dir = state_dir  # a state directory on its own
     else:
-        if os.path.isdir(os.path.join(path, "ckpt")):
-            path = os.path.join(path, "ckpt")  # the trainer's workdir
+        workdir = os.path.isdir(os.path.join(path, "ckpt"))
+        if workdir:
+            path = os.path.join(path, "ckpt")
         if os.path.isdir(os.path.join(path, STATE_ITEM)) or os.path.isfile(
                 os.path.join(path, _STEP_METADATA)):
             step_dir = path
-        elif any(_step_number(n) is not None or _TMP_STEP.match(n)
-                 for n in os.listdir(path)):
+        elif workdir or any(_step_number(n) is not None or _TMP_STEP.match(n)
+                            for n in os.listdir(path)):
             _, step_dir, skipped = _latest_step(path)
             latest_of = path
         else:
