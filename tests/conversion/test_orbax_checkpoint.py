@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -223,8 +224,14 @@ def test_workdir_takes_the_latest_complete_step(fixture, workdir, capsys):
     for name in ("3000", "2000.orbax-checkpoint-tmp", "500"):
         # Were they read, the model would not load.
         shutil.rmtree(ckpt / name / "state" / "ocdbt.process_0")
-    with pytest.warns(UserWarning, match="Skipping.*2000.*interrupted"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = keras_e3.E3ViT.from_vmoe(fixture["config"], str(workdir))
+    skipped = sorted(str(w.message) for w in caught
+                     if "Skipping" in str(w.message))
+    assert skipped == [f"Skipping {str(ckpt / name)!r}: its save was "
+                       "interrupted." for name in
+                       ("2000.orbax-checkpoint-tmp", "3000")]
     np.testing.assert_allclose(official_logits(model, fixture["inputs"]),
                                fixture["logits_after"], atol=1e-5)
     said = capsys.readouterr().out
