@@ -272,13 +272,17 @@ def test_params_that_do_not_match_the_config_are_named(fixture, workdir):
         keras_e3.E3ViT.from_vmoe(config, str(fixture["orbax"]))
 
 
+@pytest.mark.parametrize("damaged, error", [
+    (("d", "ocdbt.process_0/d"), "Cannot open the OCDBT store"),
+    (("ocdbt.process_0/d",), "Cannot read parameter 'params.Encoder"),
+], ids=["tree_and_data", "data"])
 def test_corrupt_store_names_the_path_without_a_tensorstore_trace(
-        fixture, workdir):
+        fixture, workdir, damaged, error):
     state = state_of(workdir)
-    for data in list((state / "d").iterdir()) + list(
-            (state / "ocdbt.process_0" / "d").iterdir()):
-        data.write_bytes(data.read_bytes()[:20])
-    with pytest.raises(OrbaxCheckpointError) as e:
+    for folder in damaged:
+        for data in (state / folder).iterdir():
+            data.write_bytes(data.read_bytes()[:20])
+    with pytest.raises(OrbaxCheckpointError, match=error) as e:
         keras_e3.E3ViT.from_vmoe(fixture["config"], str(workdir))
     assert str(state) in str(e.value)
     assert e.value.__cause__ is None and e.value.__suppress_context__
