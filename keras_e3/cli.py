@@ -24,7 +24,9 @@ def _parser():
     source.add_argument("--config", help="vmoe model config (JSON file)")
     convert.add_argument("--checkpoint",
                          help="native checkpoint prefix (path, https:// or "
-                              "gs://) or .npz of official parameter names")
+                              "gs://), .npz of official parameter names, or "
+                              "a vmoe trainer workdir / ckpt/<step> "
+                              "directory (orbax; needs keras-e3[orbax])")
     convert.add_argument("--image-size", type=int)
     convert.add_argument("--out", required=True, help="preset directory")
     upload = commands.add_parser(
