@@ -109,6 +109,19 @@ def test_params_equal_the_checkpoint_params(fixture):
                                   "state")
 
 
+def test_state_dir_on_its_own_reports_the_stored_step(fixture, tmp_path,
+                                                      capsys):
+    state = writable_copy(fixture["orbax"] / "ckpt" / str(STEP) / "state",
+                          tmp_path / "copied_state")
+    params = read_orbax_checkpoint(state)
+    assert f"step {STEP} from {state}" in capsys.readouterr().out
+    for name, value in fixture["params_after"].items():
+        np.testing.assert_array_equal(params[name], value, err_msg=name)
+    (state / "commit_success.txt").unlink()
+    with pytest.raises(OrbaxCheckpointError, match="interrupted"):
+        read_orbax_checkpoint(state)
+
+
 def write_sharded_state(state, params, metadata_src, zarr3=False):
     """An OCDBT state whose arrays are split into chunks along axis 0, as
     orbax stores arrays saved from several devices (experts sharded)."""
