@@ -13,7 +13,9 @@ def add_parser(commands):
     source.add_argument("--config", help="vmoe model config (JSON file)")
     parser.add_argument("--checkpoint",
                         help="native checkpoint prefix (path, https:// or "
-                             "gs://) or .npz of official parameter names")
+                             "gs://), .npz of official parameter names, or "
+                             "a vmoe trainer workdir / ckpt/<step> "
+                             "directory (orbax; needs keras-e3[orbax])")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--out", required=True, help="preset directory")
 

@@ -37,13 +37,20 @@ def read_config(config):
 def read_params(params):
     """A flat {official name: array} mapping.
 
-    `params` is a mapping (nested or flat), an .npz of official names, or a
+    `params` is a mapping (nested or flat), an .npz of official names, a
     native vmoe checkpoint prefix: a local path whose `<prefix>.index`
     exists, or an http(s):// / gs:// prefix (downloaded and cached), read
-    by `keras_e3.conversion.vmoe_checkpoint.read_vmoe_checkpoint`.
+    by `keras_e3.conversion.vmoe_checkpoint.read_vmoe_checkpoint`, or a
+    directory written by vmoe's trainer (workdir, ckpt/, ckpt/<step> or its
+    state/; orbax/OCDBT), read by
+    `keras_e3.conversion.orbax_checkpoint.read_orbax_checkpoint`.
     """
     if isinstance(params, (str, os.PathLike)):
         path = os.fspath(params)
+        if os.path.isdir(path):
+            from keras_e3.conversion import orbax_checkpoint
+
+            return orbax_checkpoint.read_orbax_checkpoint(path)
         if not path.endswith(".npz"):
             from keras_e3.conversion import vmoe_checkpoint
 

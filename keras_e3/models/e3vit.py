@@ -155,10 +155,13 @@ class E3ViT(PresetMixin, keras.Model):
         `config` is a vmoe model config dict (the `model` kwargs, as in the
         fixtures' config.json) or a path to such a JSON file. `params` maps
         the official Flax parameter names ("Encoder/encoderblock_1/Moe/...")
-        to arrays, or is a path to an .npz of them, or a native vmoe
+        to arrays, or is a path to an .npz of them, a native vmoe
         checkpoint prefix (local, https:// or gs://; downloaded once into
-        the cache). `image_size` defaults to the config's, else is inferred
-        from the position embedding.
+        the cache), or a checkpoint of vmoe's trainer (orbax/OCDBT; the
+        keras-e3[orbax] extra): its workdir or ckpt/ folder (the latest
+        complete step, printed), a step directory ckpt/<step> or its state/
+        directory, of which only the params are read. `image_size` defaults
+        to the config's, else is inferred from the position embedding.
         """
         from keras_e3.conversion.vmoe import model_from_vmoe
 
