@@ -68,18 +68,21 @@ def installed(tmp_path_factory):
         check=True, cwd=tmp, capture_output=True, text=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(KERAS_BACKEND=keras.backend.backend(), HF_HUB_OFFLINE="1")
-    out = subprocess.run(
-        [str(python), "-c", "import keras_e3; print(keras_e3.__file__)"],
-        check=True, cwd=tmp, env=env, capture_output=True, text=True,
-        timeout=300)
-    package = Path(out.stdout.strip().splitlines()[-1]).parent
-    return dict(venv=venv, package=package, python=python, env=env, cwd=tmp)
+    return dict(venv=venv, package=site / "keras_e3", python=python, env=env,
+                cwd=tmp)
 
 
 def test_the_wheel_not_the_source_is_imported(installed):
-    package = installed["package"]
-    assert installed["venv"] in package.parents, package
-    assert package.resolve() != SOURCE.resolve()
+    proc = subprocess.run(
+        [str(installed["python"]), "-c",
+         "import keras_e3; print(keras_e3.__file__)"],
+        cwd=installed["cwd"], env=installed["env"], capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = Path(proc.stdout.strip().splitlines()[-1]).parent
+    assert imported == installed["package"], imported
+    assert installed["venv"] in imported.parents
+    assert imported.resolve() != SOURCE.resolve()
 
 
 def test_every_subpackage_and_module_is_installed(installed):
