@@ -16,7 +16,9 @@ from pathlib import Path
 import keras
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+# The project root, wherever this file sits under tests/.
+ROOT = next(p for p in Path(__file__).resolve().parents
+            if (p / "pyproject.toml").is_file())
 SOURCE = ROOT / "keras_e3"
 IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
                                 "__pycache__", "*.pyc", ".pytest_cache",

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import FIXTURES
 
-ROOT = Path(__file__).resolve().parents[1]
+# The project root, wherever this file sits under tests/.
+ROOT = next(p for p in Path(__file__).resolve().parents
+            if (p / "pyproject.toml").is_file())
 SCRIPT = ROOT / "tests" / "run_backends.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import run_backends  # noqa: E402
