@@ -75,13 +75,18 @@ def test_capacity_below_one_is_an_error():
         compute_capacity(16, 4, 1, 0.0)
 
 
-def test_top1_choices_served_before_top2(rng):
-    # Every token prefers expert 0 first, expert 1 second.
-    gates = np.tile(np.array([0.6, 0.3, 0.1], "float32"), (6, 1))[None]
+def test_top1_choices_served_before_top2():
+    # Tokens alternate between preferring expert 0 and expert 1, so top-1
+    # and top-2 choices compete for the same buffers: rank by rank, the
+    # top-1 choices take positions 0-1 of each expert and the top-2 choices
+    # 2-3 (token by token, or top-2 first, would give other positions).
+    gates = np.array([[0.6, 0.4], [0.3, 0.7], [0.8, 0.2], [0.45, 0.55]],
+                     "float32")[None]
     expert, slot = top_experts_per_item(ops.convert_to_tensor(gates), 2)
-    np.testing.assert_array_equal(to_numpy(expert)[0, :, 0], 0)
-    np.testing.assert_array_equal(to_numpy(slot)[0, :, 0], np.arange(6))
-    np.testing.assert_array_equal(to_numpy(slot)[0, :, 1], np.arange(6))
+    np.testing.assert_array_equal(to_numpy(expert)[0],
+                                  [[0, 1], [1, 0], [0, 1], [1, 0]])
+    np.testing.assert_array_equal(to_numpy(slot)[0],
+                                  [[0, 2], [0, 2], [1, 3], [1, 3]])
 
 
 def test_batch_priority_serves_confident_tokens_first():

@@ -10,31 +10,26 @@ dropping, "gap" pooling without pre-logits, MoE in the first / every block,
 """
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 import keras_e3
+from conftest import FIXTURE_NAMES
+from conftest import fixture_dir
 from vmoe_reference import capacity_of
 from vmoe_reference import reference_forward
 from vmoe_reference import random_params
 from vmoe_reference import route_group
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "vmoe"
-FIXTURE_NAMES = ("vit_tiny", "vmoe_tiny_nodrop", "vmoe_tiny_drop",
-                 "eee_tiny_nodrop", "eee_tiny_drop",
-                 "eee_tiny_nodrop_bf16dispatch")
 ATOL = 1e-5
 BATCH = 4
 
 
 def _fixture(name):
-    path = FIXTURES / name
-    if not path.is_dir():
-        pytest.skip(f"golden vmoe fixtures not found at {path}")
-    return path
+    # conftest's lookup: KERAS_E3_FIXTURES, else ../shared/fixtures/vmoe.
+    return fixture_dir(name)
 
 
 # --------------------------------------------------------------------------
@@ -69,7 +64,8 @@ def test_reference_matches_fixtures(name):
 def test_reference_routing_matches_router_cases():
     path = _fixture("") / "router_functions.npz"
     if not path.exists():
-        pytest.skip(f"{path} not found")
+        pytest.skip(f"golden fixtures not found at {path} "
+                    "(set KERAS_E3_FIXTURES)")
     with np.load(path) as cases:
         for c in range(6):
             s, e, k, cf, bpr = cases[f"case{c}/config"]
