@@ -371,3 +371,20 @@ def test_flops_counter_params_match_the_model(name):
     assert counts["params"] == sum(
         int(np.prod(w.shape)) for w in model.weights)
     assert counts["flops"] > 0
+
+
+@pytest.mark.parametrize("name", ROUTER_FIXTURES)
+def test_router_fixture_from_native_checkpoint(name, tmp_path):
+    """from_vmoe reads the new routers' parameters (Soft MoE's scalar
+    `scale` included) from a vmoe-format checkpoint, experts split in
+    chunks over shards as an expert-sharded save."""
+    from test_vmoe_checkpoint import write_checkpoint
+
+    fx = load_fixture(name)
+    with np.load(fx["params"]) as data:
+        arrays = {k: data[k] for k in data.files}
+    chunks = {k: 2 for k in arrays if "/Moe/Mlp/" in k}
+    write_checkpoint(str(tmp_path / "ckpt"), arrays, chunks=chunks)
+    model = keras_e3.E3ViT.from_vmoe(fx["config"], str(tmp_path / "ckpt"))
+    assert_close(official_logits(model, fx["inputs"]), fx["logits"],
+                 what="logits from the checkpoint")
