@@ -388,3 +388,22 @@ def test_router_fixture_from_native_checkpoint(name, tmp_path):
     model = keras_e3.E3ViT.from_vmoe(fx["config"], str(tmp_path / "ckpt"))
     assert_close(official_logits(model, fx["inputs"]), fx["logits"],
                  what="logits from the checkpoint")
+
+
+def test_resize_sincos2d_backbone(rng):
+    """A sincos2d model resized to another image size gets the table of
+    the new grid (no weight to resample)."""
+    from keras_e3.layers.embedding import sincos2d_position_embedding
+    from keras_e3.preset_loader import resize_backbone
+
+    backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs(
+        position_embedding="sincos2d", classifier="gap", ensemble_size=1))
+    resized = resize_backbone(backbone, 24)
+    assert resized.embedding.grid_size == (3, 3)
+    images = rng.normal(size=(1, 24, 24, 3)).astype("float32")
+    got = to_numpy(resized.compute_intermediates(images)["embeddings"])
+    patches = to_numpy(resized.embedding.embed_patches(images)).reshape(
+        1, 9, -1)
+    np.testing.assert_allclose(
+        got, patches + sincos2d_position_embedding((3, 3), 16)[None],
+        atol=1e-6)
