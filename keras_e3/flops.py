@@ -28,7 +28,8 @@ What is counted, per image:
   MoE: E x P slots per group; its router counts D x E x P per token plus
   the dispatch and combine matmuls (2 x S x E x P x D per group), which
   are the algorithm itself, not a dispatcher's overhead.
-- ``head``: the MAP head (``classifier="map"``) if any, pre-logits (``representation_size``) and the classifier.
+- ``head``: the MAP head (``classifier="map"``) if any, pre-logits
+  (``representation_size``) and the classifier.
 
 E³ (``ensemble_size`` M > 1) tiles the sequence M times before the first
 MoE block: that block and every later one (attention included), the

@@ -98,8 +98,8 @@ def experts_choice_metrics(token_index, token_gate, taken, num_experts,
             ops.reshape(ops.where(taken, gate, -inf),
                         (ops.shape(gate)[0], -1)), axis=1),
     }
-    thresholds = sorted({2 ** i for i in range(int(math.log2(num_experts)) + 1)}
-                        | {num_experts})
+    powers = {2 ** i for i in range(int(math.log2(num_experts)) + 1)}
+    thresholds = sorted(powers | {num_experts})
     for t in thresholds:
         hit = ops.logical_and(counts >= t, real)
         metrics[f"ratio_processed_items_by_at_least_{t}_experts"] = (
