@@ -107,24 +107,23 @@ def backbone_kwargs_from_vmoe(config, image_size=None):
     moe = dict(encoder.pop("moe", None) or {})
     router = dict(moe.pop("router", None) or {})
     dispatcher = dict(router.pop("dispatcher", None) or {})
-    if config.get("classifier", "token") not in ("token", "gap"):
+    if config.get("classifier", "token") not in ("token", "gap", "map"):
         _unsupported(f"classifier {config['classifier']!r}")
-    if encoder.get("attention_qk_norm"):
-        _unsupported("attention_qk_norm=True")
-    position_emb = (encoder.get("position_emb") or {}).get("name", "learned")
-    if position_emb != "learned":
-        _unsupported(f"position embedding {position_emb!r}")
+    position_emb = dict(encoder.get("position_emb") or {})
+    position_name = position_emb.get("name", "learned")
+    if position_name not in ("learned", "sincos2d", "none"):
+        _unsupported(f"position embedding {position_name!r}")
     router_name = router.pop("name", "NoisyTopExpertsPerItemRouter")
-    if "TopExpertsPerItem" not in router_name:
-        _unsupported(f"router {router_name!r}")
-    if dispatcher.get("name", "einsum") not in ("einsum", "indices"):
-        _unsupported(f"dispatcher {dispatcher.get('name')!r}")
-    if dispatcher.get("capacity") is not None:
-        _unsupported("a fixed dispatcher capacity (use capacity_factor)")
-    for key in ("capacity_ceil_or_round", "capacity_multiple_of"):
-        default = "ceil" if key.endswith("round") else 4
-        if dispatcher.get(key, default) != default:
-            _unsupported(f"dispatcher {key}={dispatcher[key]!r}")
+    router_type = _router_type(router_name)
+    if router_type != "soft":
+        if dispatcher.get("name", "einsum") not in ("einsum", "indices"):
+            _unsupported(f"dispatcher {dispatcher.get('name')!r}")
+        if dispatcher.get("capacity") is not None:
+            _unsupported("a fixed dispatcher capacity (use capacity_factor)")
+        if dispatcher.get("capacity_ceil_or_round", "ceil") not in (
+                "ceil", "round"):
+            _unsupported(f"dispatcher capacity_ceil_or_round="
+                         f"{dispatcher['capacity_ceil_or_round']!r}")
     if config.get("num_classes") in (None, 0):
         _unsupported("num_classes=None (no classification head)")
     image_size = image_size or config.get("image_size")
@@ -143,27 +142,68 @@ def backbone_kwargs_from_vmoe(config, image_size=None):
         classifier=config.get("classifier", "token"),
         representation_size=config.get("representation_size"),
     )
+    if position_name != "learned":
+        kwargs["position_embedding"] = position_name
+    if "temperature" in position_emb:
+        kwargs["sincos2d_temperature"] = float(position_emb["temperature"])
+    if encoder.get("attention_qk_norm"):
+        kwargs["attention_qk_norm"] = True
     if layers:
         kwargs.update(
             num_experts=moe["num_experts"],
             moe_layers=layers,
             group_size=moe["group_size"],
             ensemble_size=ensemble_size,
-            num_selected_experts=router.get("num_selected_experts", 1),
-            router_noise_std=router.get("noise_std", 1.0),
-            importance_loss_weight=router.get("importance_loss_weight", 1.0),
-            load_loss_weight=router.get("load_loss_weight", 1.0),
-            gshard_loss_weight=router.get("gshard_loss_weight", 0.0),
-            capacity_factor=dispatcher.get("capacity_factor", 1.0),
-            batch_priority=dispatcher.get("batch_priority", False),
-            dispatch_dtype="bfloat16" if dispatcher.get("bfloat16") else None,
             moe_dropout_rate=moe.get("dropout_rate",
                                      encoder.get("dropout_rate", 0.0)),
         )
+        kwargs.update(_router_kwargs(router_type, router, dispatcher))
     head_kwargs = dict(head_bias_init=config.get("head_bias_init", 0.0))
     if not config.get("head_kernel_zero_init", True):
         head_kwargs["head_kernel_initializer"] = "lecun_normal"
     return kwargs, config["num_classes"], head_kwargs
+
+
+def _router_type(name):
+    """vmoe's router class name (as `parse_call` takes it) -> ours."""
+    short = name.split("(")[0].rsplit(".", 1)[-1]
+    types = {"NoisyTopExpertsPerItemRouter": "top_k",
+             "NoisyTopExpertsPerItemEnsembleRouter": "top_k",
+             "NoisyTopItemsPerExpertRouter": "experts_choice",
+             "SoftRouter": "soft"}
+    if short not in types and "TopExpertsPerItem" not in short:
+        _unsupported(f"router {name!r}")
+    return types.get(short, "top_k")
+
+
+def _router_kwargs(router_type, router, dispatcher):
+    """E3ViTBackbone router arguments of a vmoe router config."""
+    if router_type == "soft":
+        num_slots = router.get("num_slots")
+        kwargs = dict(router="soft", num_slots=num_slots,
+                      router_noise_std=router.get("noise_std", 0.0))
+        if num_slots is None:  # vmoe ignores capacity_factor given slots
+            kwargs["capacity_factor"] = router.get("capacity_factor", 1.0)
+        return kwargs
+    multiple_of = dispatcher.get("capacity_multiple_of", 4)
+    kwargs = dict(
+        router_noise_std=router.get("noise_std", 1.0),
+        capacity_factor=dispatcher.get("capacity_factor", 1.0),
+        capacity_ceil_or_round=dispatcher.get("capacity_ceil_or_round",
+                                              "ceil"),
+        capacity_multiple_of=multiple_of if multiple_of else 1,
+        dispatch_dtype="bfloat16" if dispatcher.get("bfloat16") else None,
+    )
+    if router_type == "experts_choice":
+        return dict(kwargs, router="experts_choice")
+    return dict(
+        kwargs,
+        num_selected_experts=router.get("num_selected_experts", 1),
+        importance_loss_weight=router.get("importance_loss_weight", 1.0),
+        load_loss_weight=router.get("load_loss_weight", 1.0),
+        gshard_loss_weight=router.get("gshard_loss_weight", 0.0),
+        batch_priority=dispatcher.get("batch_priority", False),
+    )
 
 
 def infer_image_size(params, patch_size, classifier):
@@ -200,15 +240,27 @@ def vmoe_variable_map(model):
     out = {
         "embedding/kernel": emb.conv.kernel,
         "embedding/bias": emb.conv.bias,
-        "Encoder/posembed_input/pos_embedding": emb.position_embedding,
         "head/kernel": model.head.kernel,
         "head/bias": model.head.bias,
     }
+    if emb.position_embedding is not None:
+        out["Encoder/posembed_input/pos_embedding"] = emb.position_embedding
     if emb.use_class_token:
         out["cls"] = emb.class_token
     norm = backbone.get_layer("encoder_norm")
     out["Encoder/encoder_norm/scale"] = norm.gamma
     out["Encoder/encoder_norm/bias"] = norm.beta
+    if backbone.classifier == "map":
+        head = backbone.get_layer("map_head")
+        p = "MapHead/"
+        out[f"{p}probe"] = head.probe
+        out[f"{p}LayerNorm/scale"] = head.norm.gamma
+        out[f"{p}LayerNorm/bias"] = head.norm.beta
+        for j, dense in enumerate((head.mlp.dense_0, head.mlp.dense_1)):
+            out[f"{p}Mlp/Dense_{j}/kernel"] = dense.kernel
+            out[f"{p}Mlp/Dense_{j}/bias"] = dense.bias
+        out.update(_attention_variables(
+            head.attention, f"{p}MultiHeadDotProductAttention/"))
     if backbone.representation_size:
         pre = backbone.get_layer("pre_logits")
         out["pre_logits/kernel"] = pre.kernel
@@ -218,14 +270,16 @@ def vmoe_variable_map(model):
         for j, ln in enumerate((block.norm_0, block.norm_1)):
             out[f"{p}LayerNorm_{j}/scale"] = ln.gamma
             out[f"{p}LayerNorm_{j}/bias"] = ln.beta
-        attention = _by_path_tail(block.attention.weights)
-        for name, keras_name in ATTENTION_DENSES.items():
-            for kind in ("kernel", "bias"):
-                out[f"{p}SelfAttention/{name}/{kind}"] = attention[
-                    f"{keras_name}/{kind}"]
+        out.update(_attention_variables(block.attention,
+                                        f"{p}SelfAttention/"))
         if block.is_moe:
             experts = block.mlp.experts
-            out[f"{p}Moe/Router/dense/kernel"] = block.mlp.router.kernel
+            router = block.mlp.router
+            if block.mlp.router_type == "soft":
+                out[f"{p}Moe/Router/mu"] = router.mu
+                out[f"{p}Moe/Router/scale"] = router.scale
+            else:
+                out[f"{p}Moe/Router/dense/kernel"] = router.kernel
             out[f"{p}Moe/Mlp/Dense_0/kernel"] = experts.kernel_0
             out[f"{p}Moe/Mlp/Dense_0/bias"] = experts.bias_0
             out[f"{p}Moe/Mlp/Dense_1/kernel"] = experts.kernel_1
@@ -235,6 +289,18 @@ def vmoe_variable_map(model):
             out[f"{p}Mlp/Dense_0/bias"] = block.mlp.dense_0.bias
             out[f"{p}Mlp/Dense_1/kernel"] = block.mlp.dense_1.kernel
             out[f"{p}Mlp/Dense_1/bias"] = block.mlp.dense_1.bias
+    return out
+
+
+def _attention_variables(attention, prefix):
+    """Flax MultiHeadDotProductAttention names of a Keras attention layer."""
+    weights = _by_path_tail(attention.weights)
+    out = {f"{prefix}{name}/{kind}": weights[f"{keras_name}/{kind}"]
+           for name, keras_name in ATTENTION_DENSES.items()
+           for kind in ("kernel", "bias")}
+    for norm in ("query_ln", "key_ln"):  # qk-norm
+        if f"{norm}/gamma" in weights:
+            out[f"{prefix}{norm}/scale"] = weights[f"{norm}/gamma"]
     return out
 
 

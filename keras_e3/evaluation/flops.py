@@ -24,7 +24,12 @@ What is counted, per image:
 - ``dispatch``: the einsum dispatcher's dense dispatch and combine
   (2 x S x E x C x D per group). A gather/scatter dispatcher does none of
   it, so it is left out of the totals unless ``include_dispatch=True``.
-- ``head``: pre-logits (``representation_size``) and the classifier.
+- Experts Choice: E x C slots per group (both ``expert_tokens``). Soft
+  MoE: E x P slots per group; its router counts D x E x P per token plus
+  the dispatch and combine matmuls (2 x S x E x P x D per group), which
+  are the algorithm itself, not a dispatcher's overhead.
+- ``head``: the MAP head (``classifier="map"``) if any, pre-logits
+  (``representation_size``) and the classifier.
 
 E³ (``ensemble_size`` M > 1) tiles the sequence M times before the first
 MoE block: that block and every later one (attention included), the
@@ -41,6 +46,8 @@ import math
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.embedding import as_pair
 from keras_e3.layers.moe import default_group_size
+from keras_e3.layers.moe import resolve_router_options
+from keras_e3.layers.soft_moe import soft_moe_num_slots
 from keras_e3.models.backbone import E3ViTBackbone
 from keras_e3.models.backbone import validate_config
 
@@ -93,46 +100,71 @@ def count_flops_from_config(num_classes=None, batch_size=None,
                          f"num_heads={cfg['num_heads']}.")
     moe_layers = sorted(int(i) for i in (cfg["moe_layers"] or ()))
     e = cfg["num_experts"] if moe_layers else 0
-    k, m = cfg["num_selected_experts"], cfg["ensemble_size"]
+    router = cfg["router"]  # Experts Choice: C per expert; Soft: P slots
+    k, cfg["capacity_factor"], _ = resolve_router_options(
+        router, cfg["num_selected_experts"], cfg["capacity_factor"],
+        cfg["num_slots"], cfg["ensemble_size"], cfg["batch_priority"],
+        cfg["router_noise_std"])
+    k, m = k or 1, cfg["ensemble_size"]
     validate_config(cfg["num_layers"], cfg["classifier"], e, moe_layers, k, m)
     patches = (image_hw[0] // ph) * (image_hw[1] // pw)
     prefix = int(cfg["classifier"] == "token")
     t = patches + prefix
-    group_size = cfg["group_size"] or default_group_size(t, m)
-    capacity = (compute_capacity(group_size, e, k, cfg["capacity_factor"])
-                if moe_layers else 0)
+    group_size = cfg["group_size"] or default_group_size(t, m, router)
+    capacity = 0
+    if moe_layers and router == "soft":
+        capacity = cfg["num_slots"] or soft_moe_num_slots(
+            group_size, e, cfg["capacity_factor"])
+    elif moe_layers:
+        capacity = compute_capacity(
+            group_size, e, k, cfg["capacity_factor"],
+            cfg["capacity_multiple_of"], cfg["capacity_ceil_or_round"])
+    slots_per_group = capacity if router == "soft" else 1  # router width
     rep = cfg["representation_size"]
+    qk_norm = 2 * (d // cfg["num_heads"]) if cfg["attention_qk_norm"] else 0
 
     macs = dict.fromkeys(BREAKDOWN, 0.0)
     macs["embedding"] = patches * ph * pw * c * d
-    params = ph * pw * c * d + d + t * d + prefix * d  # conv, pos, cls
+    learned = cfg["position_embedding"] == "learned"
+    params = ph * pw * c * d + d + learned * t * d + prefix * d
     slots_per_image = 0.0
     for i in range(cfg["num_layers"]):
         copies = m if moe_layers and i >= moe_layers[0] else 1
         tokens = copies * t
         macs["attention"] += tokens * 4 * d * d + copies * 2 * t * t * d
-        params += 4 * d * d + 4 * d + 4 * d  # attention + 2 layer norms
+        params += 4 * d * d + 4 * d + 4 * d + qk_norm  # attention, norms
         expert_params = 2 * d * mlp + mlp + d
         if i not in moe_layers:
             macs["mlp"] += tokens * 2 * d * mlp
             params += expert_params
             continue
-        params += d * e + e * expert_params
+        params += d * e * slots_per_group + (router == "soft") \
+            + e * expert_params
         if batch_size is None:
             groups = tokens / group_size
         else:
             groups = math.ceil(batch_size * tokens / group_size) / batch_size
         # Padding tokens of a partial group are scored too, against all
         # E experts (the router's one matmul; each keeps its partition's).
-        macs["router"] += groups * group_size * d * e
-        slots = (groups * e * capacity if expert_tokens == "capacity"
+        macs["router"] += groups * group_size * d * e * slots_per_group
+        slots = (groups * e * capacity
+                 if expert_tokens == "capacity" or router != "top_k"
                  else tokens * k)
         slots_per_image = slots
         macs["moe_experts"] += slots * 2 * d * mlp
-        macs["dispatch"] += groups * 2 * group_size * e * capacity * d
+        dispatch = groups * 2 * group_size * e * capacity * d
+        if router == "soft":  # its batched matmuls are the algorithm
+            macs["router"] += dispatch
+        else:
+            macs["dispatch"] += dispatch
     params += 2 * d  # encoder norm
     copies = m
     features = d
+    if cfg["classifier"] == "map":  # probe, attention, norm, MLP
+        params += d + 4 * d * d + 4 * d + qk_norm + 2 * d + 2 * d * mlp \
+            + mlp + d
+        macs["head"] += copies * (2 * d * d + 2 * t * d * d + 2 * t * d
+                                  + 2 * d * mlp)
     if rep:
         macs["head"] += copies * d * rep
         params += d * rep + rep

@@ -32,15 +32,24 @@ DISPATCHERS = ("einsum", "gather", "auto")
 TILE_SIZE = 128
 
 
+CEIL_OR_ROUND = ("ceil", "round")
+
+
 def compute_capacity(group_size, num_experts, num_selected_experts,
-                     capacity_factor, multiple_of=4):
+                     capacity_factor, multiple_of=4, ceil_or_round="ceil"):
     """Slots per expert and group, rounded as vmoe's `compute_capacity`.
 
-    capacity = ceil(group_size * K * capacity_factor / E), then rounded up to
-    a multiple of `multiple_of` (4 in vmoe).
+    capacity = ceil(group_size * K * capacity_factor / E) (or Python's
+    `round`, half to even, with `ceil_or_round="round"`), then rounded up
+    to a multiple of `multiple_of` (4 in vmoe; None, 0 or 1: no rounding).
     """
+    if ceil_or_round not in CEIL_OR_ROUND:
+        raise ValueError(f"capacity_ceil_or_round must be one of "
+                         f"{CEIL_OR_ROUND}; got {ceil_or_round!r}.")
     num_tokens = group_size * num_selected_experts
-    capacity = int(math.ceil(num_tokens * capacity_factor / num_experts))
+    ratio = num_tokens * capacity_factor / num_experts
+    capacity = int(math.ceil(ratio) if ceil_or_round == "ceil"
+                   else round(ratio))
     if capacity < 1:
         raise ValueError(
             f"group_size={group_size}, num_experts={num_experts}, "

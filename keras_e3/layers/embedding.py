@@ -1,4 +1,5 @@
-"""Patch embedding, class token and learned (resizable) position embedding."""
+"""Patch embedding, class token and position embedding: learned (resizable),
+fixed 2-D sin-cos (MoCo v3, vmoe's "sincos2d"), or none."""
 
 import numbers
 
@@ -43,19 +44,62 @@ def resample_position_embedding(pos_embedding, old_grid, new_grid,
     return np.concatenate([prefix, grid.astype(pos_embedding.dtype)], axis=1)
 
 
+POSITION_EMBEDDINGS = ("learned", "sincos2d", "none")
+SINCOS2D_TEMPERATURE = 10000.0
+
+
+def sincos2d_position_embedding(grid_size, hidden_dim,
+                                temperature=SINCOS2D_TEMPERATURE):
+    """vmoe's fixed "sincos2d" table [h*w, D] (MoCo v3) as float32 NumPy.
+
+    concat(sin(x*w), cos(x*w), sin(y*w), cos(y*w)) over the row-major patch
+    grid (x the column, y the row), w_i = 1 / temperature^(i / (D/4 - 1)),
+    i < D/4. Computed in float64, then rounded.
+    """
+    check_sincos2d(hidden_dim)
+    h, w = grid_size
+    y, x = np.mgrid[:h, :w].astype(np.float64)
+    y, x = y.ravel(), x.ravel()
+    quarter = hidden_dim // 4
+    omega = 1.0 / temperature ** (np.arange(quarter) / (quarter - 1))
+    x, y = x[:, None] * omega, y[:, None] * omega
+    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], -1)
+    return table.astype(np.float32)
+
+
+def check_sincos2d(hidden_dim):
+    if hidden_dim % 4 or hidden_dim < 8:
+        raise ValueError(
+            f'position_embedding="sincos2d" needs a hidden size that is a '
+            f"multiple of 4 and >= 8 (sin and cos of both grid axes); got "
+            f"hidden_dim={hidden_dim}.")
+
+
 @keras.saving.register_keras_serializable(package="keras_e3")
 class PatchAndPositionEmbedding(keras.layers.Layer):
     """Images [B, H, W, C] -> tokens [B, T, D].
 
     A conv with kernel = stride = patch size (kernel [p, p, C, D], HWIO as in
     vmoe; computed as a matmul, `embed_patches`), row-major flattening of
-    the patch grid, an optional class token prepended, then the learned
-    position embedding [1, T, D] added.
+    the patch grid, an optional class token prepended, then the position
+    embedding added: `position_embedding="learned"` a weight [1, T, D]
+    (class token included); "sincos2d" vmoe's fixed table
+    (`sincos2d_position_embedding`, no weight) added to the patch tokens
+    only, not to the class token; "none" nothing.
     """
 
     def __init__(self, image_size, patch_size, hidden_dim, num_channels=3,
-                 use_class_token=True, **kwargs):
+                 use_class_token=True, position_embedding="learned",
+                 sincos2d_temperature=SINCOS2D_TEMPERATURE, **kwargs):
         super().__init__(**kwargs)
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"position_embedding must be one of {POSITION_EMBEDDINGS}; "
+                f"got {position_embedding!r}.")
+        if position_embedding == "sincos2d":
+            check_sincos2d(hidden_dim)
+        self.position_embedding_type = position_embedding
+        self.sincos2d_temperature = float(sincos2d_temperature)
         self.image_size = as_pair(image_size, "image_size")
         self.patch_size = as_pair(patch_size, "patch_size")
         for side, (i, p) in zip(("height", "width"),
@@ -72,6 +116,10 @@ class PatchAndPositionEmbedding(keras.layers.Layer):
         self.num_prefix_tokens = int(use_class_token)
         self.num_tokens = (self.grid_size[0] * self.grid_size[1]
                            + self.num_prefix_tokens)
+        self._sincos2d = None
+        if position_embedding == "sincos2d":  # a constant [1, h*w, D]
+            self._sincos2d = sincos2d_position_embedding(
+                self.grid_size, hidden_dim, self.sincos2d_temperature)[None]
         self.conv = keras.layers.Conv2D(
             hidden_dim, self.patch_size, strides=self.patch_size,
             padding="valid", data_format="channels_last",
@@ -84,10 +132,13 @@ class PatchAndPositionEmbedding(keras.layers.Layer):
             self.class_token = self.add_weight(
                 name="class_token", shape=(1, 1, self.hidden_dim),
                 initializer="zeros")
-        self.position_embedding = self.add_weight(
-            name="position_embedding",
-            shape=(1, self.num_tokens, self.hidden_dim),
-            initializer=keras.initializers.RandomNormal(stddev=0.02))
+        if self.position_embedding_type == "learned":
+            self.position_embedding = self.add_weight(
+                name="position_embedding",
+                shape=(1, self.num_tokens, self.hidden_dim),
+                initializer=keras.initializers.RandomNormal(stddev=0.02))
+        else:
+            self.position_embedding = None
 
     def check_images(self, shape):
         if len(shape) != 4:
@@ -113,11 +164,14 @@ class PatchAndPositionEmbedding(keras.layers.Layer):
         patches = self.embed_patches(images)
         x = ops.reshape(patches, (-1, self.num_tokens - self.num_prefix_tokens,
                                   self.hidden_dim))
+        if self.position_embedding_type == "sincos2d":
+            x = x + ops.cast(self._sincos2d, x.dtype)
         if self.use_class_token:
             cls = ops.broadcast_to(ops.cast(self.class_token, x.dtype),
                                    (ops.shape(x)[0], 1, self.hidden_dim))
             x = ops.concatenate([cls, x], axis=1)
-        x = x + ops.cast(self.position_embedding, x.dtype)
+        if self.position_embedding is not None:
+            x = x + ops.cast(self.position_embedding, x.dtype)
         return (x, patches) if return_patches else x
 
     def embed_patches(self, images):
@@ -147,4 +201,7 @@ class PatchAndPositionEmbedding(keras.layers.Layer):
                       hidden_dim=self.hidden_dim,
                       num_channels=self.num_channels,
                       use_class_token=self.use_class_token)
+        if self.position_embedding_type != "learned":
+            config.update(position_embedding=self.position_embedding_type,
+                          sincos2d_temperature=self.sincos2d_temperature)
         return config

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_e3.layers.attention import make_attention
 from keras_e3.layers.mlp import Mlp
 from keras_e3.layers.moe import MoeMlp
 
@@ -45,13 +46,16 @@ class EncoderBlock(keras.layers.Layer):
     `moe` is None for a dense MLP, or a dict of `MoeMlp` arguments (without
     `mlp_dim`) to make this block's MLP a sparse mixture of experts.
     Attention kernels are [H, heads, H/heads] / [heads, H/heads, H], as
-    Flax's DenseGeneral in vmoe.
+    Flax's DenseGeneral in vmoe. `attention_qk_norm`: LayerNorm (no bias)
+    on each head's queries and keys (vmoe's `attention_qk_norm`).
     """
 
     def __init__(self, num_heads, mlp_dim, dropout_rate=0.0,
-                 attention_dropout_rate=0.0, moe=None, **kwargs):
+                 attention_dropout_rate=0.0, moe=None,
+                 attention_qk_norm=False, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
+        self.attention_qk_norm = bool(attention_qk_norm)
         self.mlp_dim = mlp_dim
         self.dropout_rate = dropout_rate
         self.attention_dropout_rate = attention_dropout_rate
@@ -79,8 +83,9 @@ class EncoderBlock(keras.layers.Layer):
         if hidden % self.num_heads:
             raise ValueError(f"hidden_dim={hidden} is not divisible by "
                              f"num_heads={self.num_heads}.")
-        self.attention = keras.layers.MultiHeadAttention(
+        self.attention = make_attention(
             self.num_heads, hidden // self.num_heads,
+            qk_norm=self.attention_qk_norm,
             dropout=self.attention_dropout_rate,
             kernel_initializer="glorot_uniform", dtype=self.dtype_policy,
             name="attention")
@@ -110,4 +115,6 @@ class EncoderBlock(keras.layers.Layer):
                       dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate,
                       moe=self.moe)
+        if self.attention_qk_norm:
+            config["attention_qk_norm"] = True
         return config

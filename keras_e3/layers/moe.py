@@ -9,16 +9,86 @@ from keras_e3.layers.dispatch import TILE_SIZE
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.dispatch import make_dispatcher
 from keras_e3.layers.dispatch import tiles_supported
+from keras_e3.layers.experts_choice import ExpertsChoiceRouter
+from keras_e3.layers.experts_choice import make_experts_choice_dispatcher
 from keras_e3.layers.mlp import ExpertsMlp
 from keras_e3.layers.router import Router
+from keras_e3.layers.soft_moe import SoftDispatcher
+from keras_e3.layers.soft_moe import SoftRouter
+from keras_e3.layers.soft_moe import soft_moe_metrics
+
+ROUTERS = ("top_k", "experts_choice", "soft")
+# Router noise std when not given: vmoe's defaults.
+DEFAULT_NOISE_STD = {"top_k": 1.0, "experts_choice": 1.0, "soft": 0.0}
+
+
+def resolve_router_options(router="top_k", num_selected_experts=None,
+                           capacity_factor=None, num_slots=None,
+                           ensemble_size=1, batch_priority=False,
+                           noise_std=None):
+    """Checks the router settings; returns (num_selected_experts,
+    capacity_factor, noise_std) with the defaults of that router filled in.
+
+    - "top_k": K defaults to 1, capacity_factor to 1.0; no num_slots.
+    - "experts_choice": no K (each expert picks C tokens), capacity_factor
+      defaults to 1.0; no num_slots, no batch_priority.
+    - "soft": no K, no batch_priority; num_slots or capacity_factor, not
+      both (neither: capacity_factor 1.0, vmoe's default).
+    Experts Choice and Soft MoE do not combine with E³ (ensemble_size > 1):
+    vmoe defines no partitioned version of them (its E³ router is top-K),
+    so there is nothing to check such a model against.
+    """
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {ROUTERS}; got {router!r}.")
+    if noise_std is None:
+        noise_std = DEFAULT_NOISE_STD[router]
+    if router == "top_k":
+        if num_slots is not None:
+            raise ValueError("num_slots is a Soft MoE setting "
+                             '(router="soft"); top-K routing has a capacity '
+                             "factor.")
+        return (1 if num_selected_experts is None else num_selected_experts,
+                1.0 if capacity_factor is None else capacity_factor,
+                noise_std)
+    if num_selected_experts is not None:
+        raise ValueError(
+            f"num_selected_experts={num_selected_experts} is for top-K "
+            f'routing; router="{router}" selects no fixed number of experts '
+            "per token (leave num_selected_experts unset).")
+    if ensemble_size > 1:
+        raise ValueError(
+            f'router="{router}" does not combine with E³ ensembles '
+            f"(ensemble_size={ensemble_size}): vmoe's E³ routes top-K within "
+            "each member's experts, and defines no ensemble version of "
+            'Experts Choice or Soft MoE. Use router="top_k".')
+    if batch_priority:
+        raise ValueError(f"batch_priority is for top-K routing, not "
+                         f'router="{router}".')
+    if router == "experts_choice":
+        if num_slots is not None:
+            raise ValueError("num_slots is a Soft MoE setting "
+                             '(router="soft"); Experts Choice has a capacity '
+                             "factor.")
+        return None, 1.0 if capacity_factor is None else capacity_factor, \
+            noise_std
+    if num_slots is not None and capacity_factor is not None:
+        raise ValueError(
+            f"Soft MoE takes num_slots or capacity_factor, not both (got "
+            f"num_slots={num_slots}, capacity_factor={capacity_factor}).")
+    if num_slots is None and capacity_factor is None:
+        capacity_factor = 1.0
+    return None, capacity_factor, noise_std
 
 
 DEFAULT_GROUP_IMAGES = 8
 
 
-def default_group_size(tokens_per_image, ensemble_size=1):
-    """vmoe's default routing group: the token copies of 8 images."""
-    return DEFAULT_GROUP_IMAGES * tokens_per_image * ensemble_size
+def default_group_size(tokens_per_image, ensemble_size=1, router="top_k"):
+    """vmoe's default routing group: the token copies of 8 images, or of
+    one image for Soft MoE (which mixes a group's tokens), as vmoe's Soft
+    MoE configs."""
+    images = 1 if router == "soft" else DEFAULT_GROUP_IMAGES
+    return images * tokens_per_image * ensemble_size
 
 
 def expert_axis_size(distribution=None):
@@ -80,17 +150,32 @@ class MoeMlp(keras.layers.Layer):
     for the capacity of a full group.
 
     Capacity per expert and group is vmoe's: ceil(group_size * K *
-    capacity_factor / E) rounded up to a multiple of 4.
+    capacity_factor / E) (or Python's round with `capacity_ceil_or_round=
+    "round"`) rounded up to a multiple of `capacity_multiple_of` (4).
+
+    `router` chooses the routing (`resolve_router_options` has the rules):
+    "top_k" (V-MoE / E³, `Router`), "experts_choice" (each expert takes
+    its top-C tokens, `ExpertsChoiceRouter`; C from the capacity factor
+    with K = 1) or "soft" (Soft MoE, `SoftRouter`: `num_slots` slots per
+    expert, or round(group_size * capacity_factor / E); dispatch and
+    combine in bfloat16 as vmoe unless `dispatch_dtype="float32"`).
+    Experts Choice and Soft MoE add no auxiliary loss.
     """
 
     def __init__(self, num_experts, mlp_dim, group_size,
-                 num_selected_experts=1, capacity_factor=1.0,
-                 batch_priority=False, ensemble_size=1, noise_std=1.0,
+                 num_selected_experts=None, capacity_factor=None,
+                 batch_priority=False, ensemble_size=1, noise_std=None,
                  importance_loss_weight=0.005, load_loss_weight=0.005,
                  gshard_loss_weight=0.0, dropout_rate=0.0,
                  dispatcher="auto", dispatch_dtype=None, seed=None,
+                 router="top_k", num_slots=None,
+                 capacity_ceil_or_round="ceil", capacity_multiple_of=4,
                  **kwargs):
         super().__init__(**kwargs)
+        num_selected_experts, capacity_factor, noise_std = \
+            resolve_router_options(router, num_selected_experts,
+                                   capacity_factor, num_slots, ensemble_size,
+                                   batch_priority, noise_std)
         if dispatcher not in DISPATCHERS:
             raise ValueError(f"Unknown dispatcher {dispatcher!r}; expected "
                              f"one of {DISPATCHERS}.")
@@ -111,15 +196,44 @@ class MoeMlp(keras.layers.Layer):
         # Rows per tile of the gather path's experts (TiledDispatcher); not
         # in the config: an execution detail the results do not depend on.
         self.tile_size = TILE_SIZE
-        self.capacity = compute_capacity(group_size, num_experts,
-                                         num_selected_experts, capacity_factor)
-        self.router = Router(
-            num_experts, num_selected_experts=num_selected_experts,
-            ensemble_size=ensemble_size, noise_std=noise_std,
-            importance_loss_weight=importance_loss_weight,
-            load_loss_weight=load_loss_weight,
-            gshard_loss_weight=gshard_loss_weight, seed=seed,
-            dtype=self.dtype_policy, name="router")
+        self.router_type = router
+        self.num_slots = num_slots
+        self.capacity_ceil_or_round = capacity_ceil_or_round
+        self.capacity_multiple_of = capacity_multiple_of
+        self.noise_std = noise_std
+        self.importance_loss_weight = importance_loss_weight
+        self.load_loss_weight = load_loss_weight
+        self.gshard_loss_weight = gshard_loss_weight
+        self.seed = seed
+        if router == "soft":
+            self.router = SoftRouter(
+                num_experts, group_size, num_slots=num_slots,
+                capacity_factor=capacity_factor, noise_std=noise_std,
+                seed=seed, dtype=self.dtype_policy, name="router")
+            self.capacity = self.router.num_slots
+        else:
+            self.capacity = compute_capacity(
+                group_size, num_experts, num_selected_experts or 1,
+                capacity_factor, multiple_of=capacity_multiple_of,
+                ceil_or_round=capacity_ceil_or_round)
+        if router == "experts_choice":
+            if self.capacity > group_size:
+                raise ValueError(
+                    f"Experts Choice capacity {self.capacity} (from "
+                    f"capacity_factor={capacity_factor}, group_size="
+                    f"{group_size}, {num_experts} experts) exceeds the group "
+                    "size: each expert takes C distinct tokens of its group.")
+            self.router = ExpertsChoiceRouter(
+                num_experts, noise_std=noise_std, seed=seed,
+                dtype=self.dtype_policy, name="router")
+        elif router == "top_k":
+            self.router = Router(
+                num_experts, num_selected_experts=num_selected_experts,
+                ensemble_size=ensemble_size, noise_std=noise_std,
+                importance_loss_weight=importance_loss_weight,
+                load_loss_weight=load_loss_weight,
+                gshard_loss_weight=gshard_loss_weight, seed=seed,
+                dtype=self.dtype_policy, name="router")
         self.experts = ExpertsMlp(num_experts, mlp_dim, dropout_rate,
                                   dtype=self.dtype_policy, name="experts")
 
@@ -148,6 +262,10 @@ class MoeMlp(keras.layers.Layer):
         return groups, valid, num_tokens
 
     def call(self, x, training=None, return_routing=False):
+        if self.router_type == "experts_choice":
+            return self._call_experts_choice(x, training, return_routing)
+        if self.router_type == "soft":
+            return self._call_soft(x, training, return_routing)
         groups, valid, num_tokens = self._to_groups(x)
         gates, metrics = self.router(groups, valid=valid, training=training)
         dispatcher = make_dispatcher(
@@ -166,6 +284,43 @@ class MoeMlp(keras.layers.Layer):
                        combine_weights=dispatcher.combine_weights,
                        dispatch_mask=dispatcher.dispatch_mask)
         return y, routing
+
+    def _call_experts_choice(self, x, training, return_routing):
+        groups, valid, num_tokens = self._to_groups(x)
+        gates = self.router(groups, valid=valid, training=training)
+        implementation = self.dispatcher
+        if keras.distribution.distribution():
+            implementation = "einsum"  # the expert-parallel layouts
+        dispatcher, metrics = make_experts_choice_dispatcher(
+            gates, self.capacity, valid=valid, implementation=implementation,
+            dtype=self.dispatch_dtype)
+        self.router.latest_metrics = metrics
+        expert_outputs = dispatcher.run_experts(
+            self.experts, dispatcher.dispatch(groups), training=training)
+        y = self._from_groups(dispatcher.combine(expert_outputs), num_tokens,
+                              x.shape[1])
+        if not return_routing:
+            return y
+        return y, dict(metrics, gates=gates, valid=valid,
+                       expert_outputs=expert_outputs,
+                       combine_weights=dispatcher.combine_weights,
+                       dispatch_mask=dispatcher.dispatch_mask)
+
+    def _call_soft(self, x, training, return_routing):
+        groups, valid, num_tokens = self._to_groups(x)
+        dispatch, combine, mu = self.router(groups, valid=valid,
+                                            training=training)
+        dtype = self.dispatch_dtype or "bfloat16"
+        dispatcher = SoftDispatcher(dispatch, combine, dtype=dtype)
+        expert_outputs = self.experts(dispatcher.dispatch(groups),
+                                      training=training)
+        y = self._from_groups(dispatcher.combine(expert_outputs), num_tokens,
+                              x.shape[1])
+        if not return_routing:
+            return y
+        metrics = soft_moe_metrics(dispatch, combine, mu)
+        return y, dict(metrics, valid=valid, expert_outputs=expert_outputs,
+                       dispatch_weights=dispatch, combine_weights=combine)
 
     def expert_tile_size(self, training=None, return_routing=False):
         """Tiles for the gather path's experts (`TiledDispatcher`, used where
@@ -186,17 +341,22 @@ class MoeMlp(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        router = self.router
         config.update(
             num_experts=self.num_experts, mlp_dim=self.mlp_dim,
             group_size=self.group_size,
             num_selected_experts=self.num_selected_experts,
             capacity_factor=self.capacity_factor,
             batch_priority=self.batch_priority,
-            ensemble_size=self.ensemble_size, noise_std=router.noise_std,
-            importance_loss_weight=router.importance_loss_weight,
-            load_loss_weight=router.load_loss_weight,
-            gshard_loss_weight=router.gshard_loss_weight,
+            ensemble_size=self.ensemble_size, noise_std=self.noise_std,
+            importance_loss_weight=self.importance_loss_weight,
+            load_loss_weight=self.load_loss_weight,
+            gshard_loss_weight=self.gshard_loss_weight,
             dropout_rate=self.dropout_rate, dispatcher=self.dispatcher,
-            dispatch_dtype=self.dispatch_dtype, seed=router.seed)
+            dispatch_dtype=self.dispatch_dtype, seed=self.seed)
+        if self.router_type != "top_k":
+            config.update(router=self.router_type, num_slots=self.num_slots)
+        if (self.capacity_ceil_or_round, self.capacity_multiple_of) != (
+                "ceil", 4):
+            config.update(capacity_ceil_or_round=self.capacity_ceil_or_round,
+                          capacity_multiple_of=self.capacity_multiple_of)
         return config

@@ -7,12 +7,14 @@ from keras_e3.layers.embedding import PatchAndPositionEmbedding
 from keras_e3.layers.encoder_block import LAYER_NORM_EPSILON
 from keras_e3.layers.encoder_block import EncoderBlock
 from keras_e3.layers.ensemble import EnsembleTile
+from keras_e3.layers.map_head import MapHead
 from keras_e3.layers.moe import check_num_experts
 from keras_e3.layers.moe import default_group_size
+from keras_e3.layers.moe import resolve_router_options
 from keras_e3.layers.router import check_experts
 from keras_e3.models.preset_mixin import PresetMixin
 
-CLASSIFIERS = ("token", "gap")
+CLASSIFIERS = ("token", "gap", "map")
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
@@ -32,14 +34,36 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         num_channels: image channels (channels last).
         hidden_dim, num_layers, num_heads, mlp_dim: transformer sizes.
         dropout_rate, attention_dropout_rate: dropout rates.
-        classifier: "token" (class token) or "gap" (global average pool).
+        classifier: "token" (class token), "gap" (global average pool) or
+            "map" (multihead attention pooling, vmoe's `MapHead`: a learned
+            probe attends to the tokens, then a residual MLP of `mlp_dim`).
+        position_embedding: "learned" (a weight, class token included),
+            "sincos2d" (vmoe's fixed 2-D sin-cos table on the patch tokens;
+            hidden_dim a multiple of 4) or "none".
+        sincos2d_temperature: temperature of the "sincos2d" table.
+        attention_qk_norm: LayerNorm (no bias) on each head's queries and
+            keys, in the encoder blocks and the MAP head (vmoe's
+            `attention_qk_norm`).
         representation_size: if set, a Dense + tanh "pre-logits" layer of
             this size on the pooled features (vmoe's `pre_logits`).
         num_experts, moe_layers, num_selected_experts (K), ensemble_size (M),
         capacity_factor, batch_priority (BPR): the MoE / E³ setup.
         group_size: tokens per routing group, counting the M copies (vmoe's
             `group_size`). Default: the tokens of 8 images.
-        router_noise_std: router noise in training (std noise_std / (E/M)).
+        router_noise_std: router noise in training: std noise_std / (E/M)
+            on the logits for top-K and Experts Choice (default 1.0),
+            noise_std for Soft MoE (default 0.0), as vmoe.
+        router: "top_k" (V-MoE, E³), "experts_choice" (each expert takes
+            its top-C tokens of a group; `capacity_factor`,
+            `capacity_ceil_or_round`, `capacity_multiple_of`) or "soft"
+            (Soft MoE: `num_slots` per expert, or `capacity_factor`, not
+            both; default group: one image). Neither takes
+            `num_selected_experts`, nor combines with `ensemble_size` > 1
+            (vmoe defines no such model). Neither adds an auxiliary loss.
+        num_slots: Soft MoE slots per expert.
+        capacity_ceil_or_round, capacity_multiple_of: vmoe's capacity
+            rounding: "ceil" or "round" (half to even), then up to a
+            multiple of `capacity_multiple_of` (4; 1 for none).
         importance_loss_weight, load_loss_weight, gshard_loss_weight:
             weights of the auxiliary losses (added with `add_loss`).
         moe_dropout_rate: dropout inside the experts.
@@ -48,7 +72,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             "gather", or "einsum" (the readable dense reference). All
             give the same outputs and gradients to fp32 rounding (see
             `keras_e3.layers.dispatch`).
-        dispatch_dtype: e.g. "bfloat16" to move tokens in bfloat16.
+        dispatch_dtype: e.g. "bfloat16" to move tokens in bfloat16. Soft
+            MoE always dispatches in bfloat16 as vmoe, unless "float32"
+            (then not vmoe bit for bit: ~1e-4 on the logits).
         seed: seed of the router noise.
 
     Outputs a dict: `sequence_output` [B*M, T, hidden_dim] (after the final
@@ -60,26 +86,36 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                  hidden_dim=512, num_layers=8, num_heads=8, mlp_dim=2048,
                  dropout_rate=0.0, attention_dropout_rate=0.0,
                  classifier="token", representation_size=None,
-                 num_experts=0, moe_layers=(), num_selected_experts=1,
-                 ensemble_size=1, capacity_factor=1.0, group_size=None,
-                 batch_priority=False, router_noise_std=1.0,
+                 position_embedding="learned", sincos2d_temperature=10000.0,
+                 attention_qk_norm=False, num_experts=0, moe_layers=(),
+                 num_selected_experts=None, ensemble_size=1,
+                 capacity_factor=None, group_size=None,
+                 batch_priority=False, router_noise_std=None,
                  importance_loss_weight=0.005, load_loss_weight=0.005,
                  gshard_loss_weight=0.0, moe_dropout_rate=0.0,
                  dispatcher="auto", dispatch_dtype=None, seed=None,
+                 router="top_k", num_slots=None,
+                 capacity_ceil_or_round="ceil", capacity_multiple_of=4,
                  dtype=None, **kwargs):
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
+        num_selected_experts, capacity_factor, router_noise_std = \
+            resolve_router_options(router, num_selected_experts,
+                                   capacity_factor, num_slots, ensemble_size,
+                                   batch_priority, router_noise_std)
         validate_config(num_layers, classifier, num_experts, moe_layers,
-                        num_selected_experts, ensemble_size)
+                        num_selected_experts or 1, ensemble_size)
         if moe_layers:  # experts split evenly over a distribution's devices
             check_num_experts(num_experts)
         # === Layers ===
         embedding = PatchAndPositionEmbedding(
             image_size, patch_size, hidden_dim, num_channels,
-            use_class_token=classifier == "token", dtype=dtype,
+            use_class_token=classifier == "token",
+            position_embedding=position_embedding,
+            sincos2d_temperature=sincos2d_temperature, dtype=dtype,
             name="embedding")
         tokens = embedding.num_tokens
         resolved_group_size = group_size or default_group_size(
-            tokens, ensemble_size)
+            tokens, ensemble_size, router)
         moe = dict(
             num_experts=num_experts, group_size=resolved_group_size,
             num_selected_experts=num_selected_experts,
@@ -90,6 +126,11 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             gshard_loss_weight=gshard_loss_weight,
             dropout_rate=moe_dropout_rate, dispatcher=dispatcher,
             dispatch_dtype=dispatch_dtype)
+        if router != "top_k":
+            moe.update(router=router, num_slots=num_slots)
+        if (capacity_ceil_or_round, capacity_multiple_of) != ("ceil", 4):
+            moe.update(capacity_ceil_or_round=capacity_ceil_or_round,
+                       capacity_multiple_of=capacity_multiple_of)
         blocks = []
         for i in range(num_layers):
             block_moe = None
@@ -97,7 +138,8 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                 block_moe = dict(moe, seed=None if seed is None else seed + i)
             blocks.append(EncoderBlock(
                 num_heads, mlp_dim, dropout_rate, attention_dropout_rate,
-                moe=block_moe, dtype=dtype, name=f"encoderblock_{i}"))
+                moe=block_moe, attention_qk_norm=attention_qk_norm,
+                dtype=dtype, name=f"encoderblock_{i}"))
         layers = dict(
             embedding=embedding,
             dropout=keras.layers.Dropout(dropout_rate, dtype=dtype,
@@ -112,6 +154,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                                            name="pre_logits")
                         if representation_size else None),
             classifier=classifier,
+            map_head=(MapHead(num_heads, mlp_dim, qk_norm=attention_qk_norm,
+                              dtype=dtype, name="map_head")
+                      if classifier == "map" else None),
         )
         # === Functional model ===
         image_hw = embedding.image_size
@@ -136,6 +181,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         self.attention_dropout_rate = attention_dropout_rate
         self.classifier = classifier
         self.representation_size = representation_size
+        self.position_embedding = position_embedding
+        self.sincos2d_temperature = sincos2d_temperature
+        self.attention_qk_norm = attention_qk_norm
         self.num_experts = num_experts
         self.moe_layers = moe_layers
         self.num_selected_experts = num_selected_experts
@@ -151,6 +199,10 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         self.dispatcher = dispatcher
         self.dispatch_dtype = dispatch_dtype
         self.seed = seed
+        self.router = router
+        self.num_slots = num_slots
+        self.capacity_ceil_or_round = capacity_ceil_or_round
+        self.capacity_multiple_of = capacity_multiple_of
 
     def call(self, inputs, training=None, mask=None):
         # Before Keras' own input standardisation, whose rank errors print
@@ -189,6 +241,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             attention_dropout_rate=self.attention_dropout_rate,
             classifier=self.classifier,
             representation_size=self.representation_size,
+            position_embedding=self.position_embedding,
+            sincos2d_temperature=self.sincos2d_temperature,
+            attention_qk_norm=self.attention_qk_norm,
             num_experts=self.num_experts, moe_layers=list(self.moe_layers),
             num_selected_experts=self.num_selected_experts,
             ensemble_size=self.ensemble_size,
@@ -200,7 +255,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             gshard_loss_weight=self.gshard_loss_weight,
             moe_dropout_rate=self.moe_dropout_rate,
             dispatcher=self.dispatcher, dispatch_dtype=self.dispatch_dtype,
-            seed=self.seed,
+            seed=self.seed, router=self.router, num_slots=self.num_slots,
+            capacity_ceil_or_round=self.capacity_ceil_or_round,
+            capacity_multiple_of=self.capacity_multiple_of,
             # The layers' policy: a functional Model keeps float32 for itself.
             dtype=keras.dtype_policies.serialize(self.embedding.dtype_policy),
         )
@@ -238,6 +295,8 @@ def _forward(layers, images, training=None, collect=None):
     record["encoder_norm"] = sequence
     if layers["classifier"] == "token":
         pooled = sequence[:, 0]
+    elif layers["classifier"] == "map":
+        pooled = layers["map_head"](sequence)
     else:
         pooled = ops.mean(sequence, axis=1)
     if layers["pre_logits"] is not None:

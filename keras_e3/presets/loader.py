@@ -215,7 +215,8 @@ def resize_backbone(backbone, image_size, method="bilinear"):
     config = dict(backbone.get_config(), image_size=image_size)
     resized = type(backbone).from_config(config)
     old_emb, new_emb = backbone.embedding, resized.embedding
-    position = old_emb.position_embedding.path
+    # None for sincos2d / no position embedding (nothing to resample).
+    position = getattr(old_emb.position_embedding, "path", None)
     for old, new in zip(backbone.weights, resized.weights):
         value = old.numpy()
         if old.path == position:

@@ -21,7 +21,7 @@ def backbone(**overrides):
                                   r"member \(4 / 2 = 2\)"),
     ({"moe_layers": (2,)}, r"moe_layers \[2\] out of range"),
     ({"moe_layers": (-1,)}, r"out of range"),
-    ({"classifier": "map"}, "classifier must be one of"),
+    ({"classifier": "gmp"}, "classifier must be one of"),
     ({"num_experts": 0}, "needs num_experts >= 1"),
     ({"moe_layers": ()}, "needs MoE layers"),
     ({"group_size": 15}, "multiple of ensemble_size"),
@@ -91,7 +91,7 @@ def test_config_without_image_size_is_inferred():
 
 @pytest.mark.parametrize("change,match", [
     ({"name": "VisionTransformerMoeSoft"}, "model 'VisionTransformerMoeSoft'"),
-    ({"classifier": "map"}, "classifier 'map'"),
+    ({"classifier": "gmp"}, "classifier 'gmp'"),
 ])
 def test_unsupported_vmoe_configs(change, match):
     config, params = _fixture_params()

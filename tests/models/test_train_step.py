@@ -19,8 +19,10 @@ def loss_and_grads(model, images, labels):
     loss_fn = keras_e3.EnsembleSoftmaxCrossEntropy()
 
     def losses(logits):
-        return loss_fn(labels, logits), keras.ops.sum(
-            keras.ops.stack(model.losses))
+        # Experts Choice and Soft MoE add no auxiliary loss.
+        aux = (keras.ops.sum(keras.ops.stack(model.losses)) if model.losses
+               else keras.ops.zeros(()))
+        return loss_fn(labels, logits), aux
 
     if BACKEND == "jax":
         import jax
@@ -33,7 +35,7 @@ def loss_and_grads(model, images, labels):
                 trainable, non_trainable, images, training=False,
                 return_losses=True)
             main = loss_fn(labels, logits)
-            aux = sum(aux)
+            aux = sum(aux, jax.numpy.zeros(()))
             return main + aux, (main, aux)
 
         (_, (main, aux)), grads = jax.jit(
