@@ -13,4 +13,5 @@ from keras_e3.layers.ensemble import ensemble_log_probs
 from keras_e3.layers.mlp import ExpertsMlp
 from keras_e3.layers.mlp import Mlp
 from keras_e3.layers.moe import MoeMlp
+from keras_e3.layers.moe import MoeSettings
 from keras_e3.layers.router import Router

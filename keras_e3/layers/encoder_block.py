@@ -6,6 +6,7 @@ from keras import ops
 from keras_e3.layers.attention import make_attention
 from keras_e3.layers.mlp import Mlp
 from keras_e3.layers.moe import MoeMlp
+from keras_e3.layers.moe import MoeSettings
 
 LAYER_NORM_EPSILON = 1e-6  # Flax's LayerNorm default.
 
@@ -43,8 +44,8 @@ def materialize_gradient(x):
 class EncoderBlock(keras.layers.Layer):
     """x = x + Dropout(Attn(LN(x))); x = x + MLP(LN(x)).
 
-    `moe` is None for a dense MLP, or a dict of `MoeMlp` arguments (without
-    `mlp_dim`) to make this block's MLP a sparse mixture of experts.
+    `moe` is None for a dense MLP, or a `MoeSettings` (or its `get_config()`
+    dict) to make this block's MLP a sparse mixture of experts.
     Attention kernels are [H, heads, H/heads] / [heads, H/heads, H], as
     Flax's DenseGeneral in vmoe. `attention_qk_norm`: LayerNorm (no bias)
     on each head's queries and keys (vmoe's `attention_qk_norm`).
@@ -59,7 +60,7 @@ class EncoderBlock(keras.layers.Layer):
         self.mlp_dim = mlp_dim
         self.dropout_rate = dropout_rate
         self.attention_dropout_rate = attention_dropout_rate
-        self.moe = dict(moe) if moe else None
+        self.moe = MoeSettings.from_config(moe) if moe else None
         self.norm_0 = keras.layers.LayerNormalization(
             epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm_0")
         self.norm_1 = keras.layers.LayerNormalization(
@@ -69,7 +70,7 @@ class EncoderBlock(keras.layers.Layer):
         self.attention = None
         if self.moe:
             self.mlp = MoeMlp(mlp_dim=mlp_dim, dtype=self.dtype_policy,
-                              name="moe", **self.moe)
+                              name="moe", **self.moe.get_config())
         else:
             self.mlp = Mlp(mlp_dim, dropout_rate, dtype=self.dtype_policy,
                            name="mlp")
@@ -114,7 +115,7 @@ class EncoderBlock(keras.layers.Layer):
         config.update(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate,
-                      moe=self.moe)
+                      moe=self.moe.get_config() if self.moe else None)
         if self.attention_qk_norm:
             config["attention_qk_norm"] = True
         return config

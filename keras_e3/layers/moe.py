@@ -1,5 +1,7 @@
 """Sparse mixture-of-experts MLP with routing groups (V-MoE and E³)."""
 
+import dataclasses
+
 import keras
 import numpy as np
 from keras import ops
@@ -127,6 +129,56 @@ def ungroup(rows, num_tokens, tokens, ensemble_size=1):
         flat = xp.reshape(flat, (-1, tokens, m, *trailing))
         flat = xp.transpose(flat, (0, 2, 1, *range(3, 3 + len(trailing))))
     return xp.reshape(flat, (-1, tokens, *trailing))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSettings:
+    """The settings of a block's `MoeMlp` (all its arguments but `mlp_dim`),
+    typed: what `E3ViTBackbone` hands to each MoE `EncoderBlock`, and what
+    the block serialises (`get_config`, a plain dict)."""
+
+    num_experts: int
+    group_size: int
+    num_selected_experts: int = None
+    capacity_factor: float = None
+    batch_priority: bool = False
+    ensemble_size: int = 1
+    noise_std: float = None
+    importance_loss_weight: float = 0.005
+    load_loss_weight: float = 0.005
+    gshard_loss_weight: float = 0.0
+    dropout_rate: float = 0.0
+    dispatcher: str = "auto"
+    dispatch_dtype: str = None
+    seed: int = None
+    router: str = "top_k"
+    num_slots: int = None
+    capacity_ceil_or_round: str = "ceil"
+    capacity_multiple_of: int = 4
+
+    @classmethod
+    def from_config(cls, config):
+        """From a `get_config` dict (or an instance, returned as it is)."""
+        if isinstance(config, cls):
+            return config
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"Unknown MoE settings {unknown}; expected some "
+                             f"of {sorted(names)}.")
+        return cls(**config)
+
+    def get_config(self):
+        """A JSON-able dict; the router-specific settings only where they
+        differ from the top-K router's defaults (as older configs hold)."""
+        config = dataclasses.asdict(self)
+        if self.router == "top_k" and self.num_slots is None:
+            del config["router"], config["num_slots"]
+        if (self.capacity_ceil_or_round, self.capacity_multiple_of) == (
+                "ceil", 4):
+            del config["capacity_ceil_or_round"]
+            del config["capacity_multiple_of"]
+        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")

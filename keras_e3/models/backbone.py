@@ -1,5 +1,7 @@
 """E3ViTBackbone: a dense ViT, a V-MoE or an E³, depending on its config."""
 
+import dataclasses
+
 import keras
 from keras import ops
 
@@ -10,6 +12,7 @@ from keras_e3.layers.ensemble import EnsembleTile
 from keras_e3.layers.map_head import MapHead
 from keras_e3.layers.moe import check_num_experts
 from keras_e3.layers.moe import default_group_size
+from keras_e3.layers.moe import MoeSettings
 from keras_e3.layers.moe import resolve_router_options
 from keras_e3.layers.router import check_experts
 from keras_e3.models.preset_mixin import PresetMixin
@@ -116,7 +119,7 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         tokens = embedding.num_tokens
         resolved_group_size = group_size or default_group_size(
             tokens, ensemble_size, router)
-        moe = dict(
+        moe = MoeSettings(
             num_experts=num_experts, group_size=resolved_group_size,
             num_selected_experts=num_selected_experts,
             capacity_factor=capacity_factor, batch_priority=batch_priority,
@@ -125,17 +128,15 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             load_loss_weight=load_loss_weight,
             gshard_loss_weight=gshard_loss_weight,
             dropout_rate=moe_dropout_rate, dispatcher=dispatcher,
-            dispatch_dtype=dispatch_dtype)
-        if router != "top_k":
-            moe.update(router=router, num_slots=num_slots)
-        if (capacity_ceil_or_round, capacity_multiple_of) != ("ceil", 4):
-            moe.update(capacity_ceil_or_round=capacity_ceil_or_round,
-                       capacity_multiple_of=capacity_multiple_of)
+            dispatch_dtype=dispatch_dtype, router=router, num_slots=num_slots,
+            capacity_ceil_or_round=capacity_ceil_or_round,
+            capacity_multiple_of=capacity_multiple_of)
         blocks = []
         for i in range(num_layers):
             block_moe = None
             if i in moe_layers:
-                block_moe = dict(moe, seed=None if seed is None else seed + i)
+                block_moe = dataclasses.replace(
+                    moe, seed=None if seed is None else seed + i)
             blocks.append(EncoderBlock(
                 num_heads, mlp_dim, dropout_rate, attention_dropout_rate,
                 moe=block_moe, attention_qk_norm=attention_qk_norm,
