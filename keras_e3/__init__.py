@@ -16,6 +16,7 @@ from keras_e3.flops import deep_ensemble_flops
 from keras_e3.flops import flops_ratio
 from keras_e3.hub import upload_preset
 from keras_e3.layers.ensemble import ensemble_log_probs
+from keras_e3.layers.image_converter import ImageConverter
 from keras_e3.losses import EnsembleSigmoidCrossEntropy
 from keras_e3.losses import EnsembleSoftmaxCrossEntropy
 from keras_e3.models import E3ViT
