@@ -9,6 +9,7 @@ from keras_e3 import flops
 from keras_e3 import layers
 from keras_e3 import metrics
 from keras_e3 import training
+from keras_e3.data.labels import decode_predictions
 from keras_e3.deep_ensemble import DeepEnsemble
 from keras_e3.flops import count_flops
 from keras_e3.flops import count_flops_from_config

@@ -65,7 +65,9 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
             return backbone
         if num_classes is not None:
             head = {"num_classes": num_classes}
-        return cls(backbone, dtype=dtype, **head)
+        task = cls(backbone, dtype=dtype, **head)
+        task.preprocessor = converter_for(backbone, {})
+        return apply_card(task, card)
     preset_dir = resolve(handle)
     # An official checkpoint's cached preset was just verified (or written)
     # by `registry.materialize`: do not hash its weights a second time.
@@ -73,8 +75,44 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
     if is_backbone:
         return load_backbone(preset_dir, image_size, load_weights, dtype,
                              overrides, verify)
-    return load_task(cls, preset_dir, num_classes, image_size, load_weights,
+    task = load_task(cls, preset_dir, num_classes, image_size, load_weights,
                      dtype, overrides, verify)
+    return apply_card(task, card) if card is not None else task
+
+
+def apply_card(task, card):
+    """A built-in card's evaluation pipeline (`preprocessing`, a vmoe
+    process string) and label set (`labels`) on a classifier."""
+    from keras_e3.data.labels import class_names
+    from keras_e3.layers.image_converter import ImageConverter
+
+    if card.get("preprocessing"):
+        converter = ImageConverter.from_vmoe_process(
+            card["preprocessing"], num_channels=task.backbone.num_channels)
+        task.preprocessor = converter_for(task.backbone, converter)
+        task.preprocessor_config = task.preprocessor.preprocessor_config()
+    label_set = card.get("labels")
+    if label_set and not getattr(task, "class_names", None):
+        names = class_names(label_set)
+        if len(names) == task.num_classes:
+            task.class_names = names
+    return task
+
+
+def converter_for(backbone, config):
+    """An ImageConverter from a preprocessor.json (either form) for
+    `backbone`'s input shape (its image size wins over the file's)."""
+    from keras_e3.layers.image_converter import ImageConverter
+
+    size = tuple(backbone.embedding.image_size)
+    try:
+        converter = ImageConverter.from_preset_config(
+            config, image_size=size, num_channels=backbone.num_channels)
+    except (TypeError, ValueError) as e:
+        raise PresetError(f"Invalid preprocessor config: {e}") from e
+    if converter.image_size != size:
+        converter = converter.with_image_size(size)
+    return converter
 
 
 def abstract_model(cls, handle, **kwargs):
@@ -144,6 +182,7 @@ def load_backbone(preset_dir, image_size=None, load_weights=True,
             f"valid {BACKBONE_CLASS} config: {e}") from e
     if load_weights:
         preset_io.load_backbone_weights(backbone, preset_dir)
+        refuse_nonfinite(backbone.weights, preset_dir)
         if image_size is not None and (as_pair(image_size, "image_size")
                                        != backbone.embedding.image_size):
             backbone = resize_backbone(backbone, image_size)
@@ -159,8 +198,13 @@ def _preprocessor_file(preset_dir):
 
 
 def _preprocessor(preset_dir, backbone):
-    """The preset's preprocessor config, for the (possibly resized) model."""
-    return {**preprocessor_config(backbone), **_preprocessor_file(preset_dir),
+    """The preset's preprocessor config, for the (possibly resized) model:
+    the flat dict (image_size, num_channels, value_range, ...), also when
+    the file holds a serialised ImageConverter."""
+    config = _preprocessor_file(preset_dir)
+    if "class_name" in config:
+        config = converter_for(backbone, config).preprocessor_config()
+    return {**preprocessor_config(backbone), **config,
             "image_size": list(backbone.embedding.image_size)}
 
 
@@ -204,6 +248,8 @@ def load_task(task_cls, preset_dir, num_classes=None, image_size=None,
         head = {"num_classes": num_classes}
     task = task_cls(backbone, dtype=dtype, **head)
     task.preprocessor_config = backbone.preprocessor_config
+    task.preprocessor = converter_for(backbone,
+                                      _preprocessor_file(preset_dir) or {})
     names = preset_io.read_json(preset_dir, preset_io.METADATA_FILE).get(
         "class_names") if load_weights else None
     if not fresh_head and names and len(names) == task.num_classes:
@@ -211,7 +257,21 @@ def load_task(task_cls, preset_dir, num_classes=None, image_size=None,
     if load_weights and not fresh_head:
         preset_io.load_head_weights(
             os.path.join(preset_dir, preset_io.TASK_WEIGHTS_FILE), task.head)
+        refuse_nonfinite(task.head.weights, preset_dir)
     return task
+
+
+def refuse_nonfinite(variables, preset_dir):
+    """A PresetError naming every weight with NaN or inf values."""
+    import keras
+    import numpy as np
+
+    bad = [v.path for v in variables
+           if not np.isfinite(np.asarray(keras.ops.convert_to_numpy(
+               keras.ops.cast(v.value, "float32")))).all()]
+    if bad:
+        raise PresetError(f"{preset_dir}: non-finite (NaN or inf) weights in "
+                          + ", ".join(bad) + ".")
 
 
 def default_preprocessor(image_size, num_channels=3,
@@ -234,12 +294,24 @@ def save_to_preset(model, preset_dir, preprocessor=None,
     """Writes a backbone or a classifier as a preset directory."""
     from keras_e3.models.backbone import E3ViTBackbone
 
+    import keras
+
+    from keras_e3.layers.image_converter import ImageConverter
+
     backbone = model if isinstance(model, E3ViTBackbone) else model.backbone
     task = None if model is backbone else model
-    preprocessor = {**preprocessor_config(backbone),
-                    **(preprocessor or getattr(model, "preprocessor_config",
-                                               None) or {}),
-                    "image_size": list(backbone.embedding.image_size)}
+    if preprocessor is None and isinstance(
+            getattr(model, "preprocessor", None), ImageConverter):
+        preprocessor = model.preprocessor
+    if isinstance(preprocessor, ImageConverter):
+        # preprocessor.json: the converter's Keras serialisation.
+        preprocessor = keras.saving.serialize_keras_object(
+            converter_for(backbone, preprocessor))
+    else:
+        preprocessor = {**preprocessor_config(backbone),
+                        **(preprocessor or getattr(
+                            model, "preprocessor_config", None) or {}),
+                        "image_size": list(backbone.embedding.image_size)}
     metadata = dict(extra_metadata or {})
     class_names = getattr(model, "class_names", None)
     if task is not None and class_names and "class_names" not in metadata:
@@ -263,6 +335,12 @@ def load_preprocessor(handle):
                                     kwargs.get("num_channels", 3))
     preset_dir = resolve(handle)
     config = _spec(preset_dir, preset_io.CONFIG_FILE, BACKBONE_CLASS)
+    file_config = _preprocessor_file(preset_dir)
+    if "class_name" in file_config:
+        from keras_e3.layers.image_converter import ImageConverter
+
+        file_config = ImageConverter.from_preset_config(
+            file_config).preprocessor_config()
     return {**default_preprocessor(config["image_size"],
                                    config.get("num_channels", 3)),
-            **_preprocessor_file(preset_dir)}
+            **file_config}

@@ -60,9 +60,20 @@ def builtin_presets():
     return cards
 
 
-def list_presets():
-    """Names of the built-in presets, sorted."""
-    return sorted(builtin_presets())
+def list_presets(pattern=None):
+    """Names of the built-in presets, sorted; `pattern` filters them with
+    shell-style wildcards (`list_presets("vmoe_*")`)."""
+    import fnmatch
+
+    names = sorted(builtin_presets())
+    return names if pattern is None else fnmatch.filter(names, pattern)
+
+
+def preset_metadata(name):
+    """A card's description without its model config: description, kind,
+    image size, evaluation pipeline, label set, parameters, FLOPs, ..."""
+    card = builtin_presets()[name]
+    return {k: v for k, v in card.items() if k != "vmoe_config"}
 
 
 def cache_dir():
@@ -103,19 +114,26 @@ def materialize(name):
             pass  # damaged cache: convert again (written atomically)
     convert_checkpoint(card["vmoe_config"], card["checkpoint"], target,
                        image_size=card.get("image_size"),
-                       extra_metadata={"preset": name})
+                       extra_metadata={"preset": name},
+                       preprocessing=card.get("preprocessing"))
     return str(target)
 
 
 def convert_checkpoint(vmoe_config, checkpoint, preset_dir, image_size=None,
-                       extra_metadata=None):
-    """Official config + checkpoint (prefix, URL or .npz) -> preset dir."""
+                       extra_metadata=None, preprocessing=None):
+    """Official config + checkpoint (prefix, URL or .npz) -> preset dir.
+    `preprocessing`: the vmoe evaluation process string, saved as the
+    preset's ImageConverter."""
     from keras_e3.conversion.vmoe import model_from_vmoe
+    from keras_e3.layers.image_converter import ImageConverter
     from keras_e3.models.e3vit import E3ViT
     from keras_e3.preset_loader import save_to_preset
 
     model = model_from_vmoe(vmoe_config, checkpoint, E3ViT,
                             image_size=image_size)
+    if preprocessing:
+        model.preprocessor = ImageConverter.from_vmoe_process(
+            preprocessing, num_channels=model.backbone.num_channels)
     metadata = {"source": os.fspath(checkpoint), **(extra_metadata or {})}
     save_to_preset(model, preset_dir, extra_metadata=metadata)
     return model
