@@ -70,18 +70,19 @@ class E3ViT(PresetMixin, keras.Model):
     def preprocessor(self):
         """The `ImageConverter` applied to raw images (None: inputs must be
         model-ready)."""
-        return self._preprocessor
+        return self.__dict__.get("_preprocessor")
 
-    @preprocessor.setter
-    def preprocessor(self, value):
+    def __setattr__(self, name, value):
+        if name != "preprocessor":
+            return super().__setattr__(name, value)
         if isinstance(value, dict):
             value = ImageConverter.from_preset_config(value)
         if value is not None and not isinstance(value, ImageConverter):
             raise TypeError("preprocessor must be a keras_e3.ImageConverter"
                             f" (or None); got {type(value).__name__}.")
-        # Not tracked as a sub-layer: it has no weights, and the weight
-        # files stay those of a model without one.
-        object.__setattr__(self, "_preprocessor", value)
+        # Kept out of Keras' (and torch's) layer tracking: it has no
+        # weights, and the weight files stay those of a model without one.
+        self.__dict__["_preprocessor"] = value
 
     def preprocess(self, images):
         """`images` as the model takes them: the preprocessor applied to
