@@ -495,7 +495,7 @@ def decode_image(source):
     else:
         name = os.fspath(source)
         if not os.path.isfile(name):
-            raise ValueError(f"No image file at {name!r}.")
+            raise ValueError(f"No such image file: {name!r}.")
         stream = name
     try:
         with Image.open(stream) as image:

@@ -187,7 +187,7 @@ def test_model_ready_detection():
 
 def test_bad_inputs(tmp_path):
     converter = ImageConverter(image_size=8)
-    with pytest.raises(ValueError, match="No image file"):
+    with pytest.raises(ValueError, match="No such image file"):
         converter(str(tmp_path / "missing.png"))
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="Cannot decode"):
