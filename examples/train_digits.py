@@ -45,7 +45,7 @@ from keras_e3.data.digits import split_fingerprint
 from keras_e3.metrics import evaluate_predictions
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           os.pardir, "keras_e3", "pretrained")
+                           os.pardir, "presets")
 
 IMAGE_SIZE = 32
 NUM_CHANNELS = 1

@@ -34,7 +34,7 @@ def test_classify_image(tmp_path):
                          scale=False)
     out = run_example("classify_image.py", str(path)).splitlines()
     assert out[0] == str(path)
-    assert out[3].strip().startswith(f"ensemble: class {labels[3]} ")
+    assert out[3].strip().startswith(f"ensemble: {labels[3]} ")  # class names
 
 
 @pytest.mark.single_backend

@@ -33,7 +33,11 @@ def predict(preset, paths, top_k=5, batch_size=32):
     each member's top-1 class, and member disagreement (the fraction of
     members whose top-1 differs from the ensemble's)."""
     model = E3ViT.from_preset(preset)
-    images = load_images(paths, model.preprocessor_config)
+    # The preset's ImageConverter decodes the files (vmoe's pipeline for
+    # official presets).
+    images = (model.preprocessor(list(paths))
+              if getattr(model, "preprocessor", None) is not None
+              else load_images(paths, model.preprocessor_config))
     logits = model.predict_members(images, batch_size)
     probs = ensemble_probs(softmax(logits))
     names = getattr(model, "class_names", None) or [

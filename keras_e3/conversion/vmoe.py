@@ -304,6 +304,13 @@ def _attention_variables(attention, prefix):
     return out
 
 
+def _all_finite(array):
+    array = np.asarray(array)
+    if array.dtype.kind in "iub":
+        return True
+    return bool(np.isfinite(array.astype(np.float32)).all())
+
+
 def load_vmoe_params(model, params):
     """Assigns official parameters to `model`; all-or-nothing."""
     params = read_params(params)
@@ -321,6 +328,11 @@ def load_vmoe_params(model, params):
         problems.append("unexpected parameters: " + ", ".join(unexpected))
     if wrong:
         problems.append("wrongly shaped parameters: " + "; ".join(wrong))
+    nonfinite = [k for k in sorted(set(variables) & set(params))
+                 if not _all_finite(params[k])]
+    if nonfinite:
+        problems.append("non-finite (NaN or inf) parameters: "
+                        + ", ".join(nonfinite))
     if problems:
         raise VmoeConversionError(
             "The parameters do not match the model:\n  - "

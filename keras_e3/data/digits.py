@@ -15,8 +15,9 @@ and evaluated on:
   the same fraction goes to the test set), in NumPy: the split depends on
   `seed` and `test_fraction` only, never on the backend or library versions.
 
-`digits_preprocessor()` describes this transform as a preset's
-`preprocessor.json`.
+`digits_converter()` is the ImageConverter that makes these inputs from
+8x8 uint8 images (value * 255 / 16); `digits_preprocessor()` is its
+serialisation, a preset's `preprocessor.json`.
 """
 
 import numpy as np
@@ -26,21 +27,35 @@ VALUE_RANGE = (-1.0, 1.0)
 NUM_CLASSES = 10
 SOURCE_SIZE = 8
 
-DIGITS_PREPROCESSOR = {
-    "image_size": [32, 32],
-    "num_channels": 1,
-    "value_range": list(VALUE_RANGE),
-    "source_range": list(SOURCE_RANGE),
-    "source_size": [SOURCE_SIZE, SOURCE_SIZE],
-    "interpolation": "bilinear",
-    "dataset": "sklearn.datasets.load_digits",
-}
+def digits_converter(image_size=32, num_channels=1):
+    """The `keras_e3.ImageConverter` that turns 8x8 uint8 digit images
+    (value * 255 / 16, what a PNG of them holds) into these inputs: bilinear
+    upsampling to `image_size` (the same half-pixel resampling as
+    `upsample`, which commutes with the linear rescaling) and 0..255 mapped
+    onto [-1, 1]."""
+    from keras_e3.layers.image_converter import ImageConverter
+
+    return ImageConverter(image_size=int(image_size),
+                          num_channels=int(num_channels),
+                          interpolation="bilinear", input_range=(0.0, 255.0),
+                          value_range=VALUE_RANGE,
+                          name="digits_image_converter")
 
 
 def digits_preprocessor(image_size=32, num_channels=1):
-    """The preset `preprocessor.json` for `load_digits_splits` inputs."""
-    return dict(DIGITS_PREPROCESSOR, image_size=[int(image_size)] * 2,
-                num_channels=int(num_channels))
+    """The preset `preprocessor.json` for `load_digits_splits` inputs: the
+    serialised `digits_converter`."""
+    import keras
+
+    return keras.saving.serialize_keras_object(
+        digits_converter(image_size, num_channels))
+
+
+def to_uint8(images):
+    """0..16 digits -> uint8 0..255 (round(v * 255 / 16)), as image files
+    of them hold."""
+    images = np.asarray(images, dtype=np.float64)
+    return np.round(images * 255.0 / SOURCE_RANGE[1]).astype(np.uint8)
 
 
 def _bilinear_matrix(out_size, in_size):

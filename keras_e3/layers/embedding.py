@@ -141,22 +141,29 @@ class PatchAndPositionEmbedding(keras.layers.Layer):
             self.position_embedding = None
 
     def check_images(self, shape):
+        expected = (f"[batch, {self.image_size[0]}, {self.image_size[1]}, "
+                    f"{self.num_channels}]")
         if len(shape) != 4:
             raise ValueError(
-                f"Expected images of shape [batch, height, width, channels]; "
-                f"got rank {len(shape)} with shape {tuple(shape)}.")
+                f"Expected a batch of model-ready images {expected} "
+                f"(channels last); got rank {len(shape)} with shape "
+                f"{tuple(shape)}. Add a batch axis (images[None]) for one "
+                "image. E3ViT.predict() takes raw images when the model has a "
+                "preprocessor (a keras_e3.ImageConverter; presets bring "
+                "theirs).")
         height, width, channels = shape[1:]
         if channels is not None and channels != self.num_channels:
             raise ValueError(f"Expected images with {self.num_channels} "
-                             f"channels (channels last); got shape "
-                             f"{tuple(shape)}.")
+                             f"channels {expected} (channels last); got "
+                             f"shape {tuple(shape)}.")
         for got, want, side in ((height, self.image_size[0], "height"),
                                 (width, self.image_size[1], "width")):
             if got is not None and got != want:
                 raise ValueError(
                     f"Expected images of {self.image_size[0]}x"
                     f"{self.image_size[1]} pixels; got {side} {got} "
-                    f"(shape {tuple(shape)}). Resize the images, or build "
+                    f"(shape {tuple(shape)}, expected {expected}). Resize "
+                    "the images, or build "
                     f"the model with image_size={tuple(shape[1:3])}.")
 
     def call(self, images, return_patches=False):

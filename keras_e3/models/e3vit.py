@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_e3.layers.ensemble import EnsembleSplit
 from keras_e3.layers.ensemble import ensemble_log_probs
+from keras_e3.layers.image_converter import ImageConverter
 from keras_e3.losses import LOSSES
 from keras_e3.models.backbone import E3ViTBackbone
 from keras_e3.models.preset_mixin import PresetMixin
@@ -24,12 +25,22 @@ class E3ViT(PresetMixin, keras.Model):
     `compile()` defaults to the paper's objective: each member's softmax
     cross-entropy on the shared label, averaged, plus the routers'
     auxiliary losses (added by the MoE layers and reported as `aux_loss`).
+
+    Raw images: `preprocessor` (a `keras_e3.ImageConverter`; presets bring
+    theirs) is applied by `predict`, `predict_members`, `predict_ensemble`,
+    `fit` and `evaluate` to raw inputs (uint8 or float arrays of any size,
+    one image or a batch, lists of arrays, file paths, encoded bytes, or a
+    `tf.data.Dataset` of them). Float batches already of the model's input
+    shape with values in its value range are taken as model-ready and fed
+    as they are. `model(x)` and the backbone always take model-ready
+    float images [B, H, W, C].
     """
 
     backbone_cls = E3ViTBackbone
 
     def __init__(self, backbone, num_classes, head_bias_init=0.0,
-                 head_kernel_initializer="zeros", dtype=None, **kwargs):
+                 head_kernel_initializer="zeros", preprocessor=None,
+                 dtype=None, **kwargs):
         if not isinstance(backbone, E3ViTBackbone):
             raise TypeError("backbone must be an E3ViTBackbone; got "
                             f"{type(backbone).__name__}.")
@@ -53,6 +64,78 @@ class E3ViT(PresetMixin, keras.Model):
         self.router_loss_trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("importance_loss", "load_loss")}
+        self.preprocessor = preprocessor
+
+    @property
+    def preprocessor(self):
+        """The `ImageConverter` applied to raw images (None: inputs must be
+        model-ready)."""
+        return self.__dict__.get("_preprocessor")
+
+    def __setattr__(self, name, value):
+        if name != "preprocessor":
+            return super().__setattr__(name, value)
+        if isinstance(value, dict):
+            value = ImageConverter.from_preset_config(value)
+        if value is not None and not isinstance(value, ImageConverter):
+            raise TypeError("preprocessor must be a keras_e3.ImageConverter"
+                            f" (or None); got {type(value).__name__}.")
+        # Kept out of Keras' (and torch's) layer tracking: it has no
+        # weights, and the weight files stay those of a model without one.
+        self.__dict__["_preprocessor"] = value
+
+    def preprocess(self, images):
+        """`images` as the model takes them: the preprocessor applied to
+        raw images (model-ready inputs pass unchanged); a
+        `tf.data.Dataset`'s images are mapped inside the pipeline."""
+        if _is_dataset(images):
+            return self._preprocess_dataset(images)
+        converter = self.preprocessor
+        if converter is None or _is_opaque(images) or \
+                converter.is_model_ready(images):
+            if hasattr(images, "shape") and not _is_opaque(images):
+                self.backbone.embedding.check_images(tuple(images.shape))
+            return images
+        return converter(images)
+
+    def _preprocess_dataset(self, dataset):
+        converter = self.preprocessor
+        spec = dataset.element_spec
+        image_spec = spec[0] if isinstance(spec, tuple) else spec
+        if converter is None or not hasattr(image_spec, "shape") or (
+                image_spec.dtype.is_floating
+                and image_spec.shape.rank == 4
+                and tuple(image_spec.shape[1:]) == (
+                    *self.backbone.embedding.image_size,
+                    self.backbone.num_channels)):
+            return dataset
+        if isinstance(spec, tuple):
+            return dataset.map(lambda x, *rest: (converter(x), *rest))
+        return dataset.map(converter)
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None,
+                callbacks=None):
+        """Keras' predict on raw or model-ready images (see the class
+        docstring)."""
+        return super().predict(self.preprocess(x), batch_size=batch_size,
+                               verbose=verbose, steps=steps,
+                               callbacks=callbacks)
+
+    def fit(self, x=None, y=None, *args, validation_data=None, **kwargs):
+        """Keras' fit; `x` (and `validation_data`'s images) may be raw."""
+        if validation_data is not None:
+            if isinstance(validation_data, tuple):
+                validation_data = (self.preprocess(validation_data[0]),
+                                   *validation_data[1:])
+            else:
+                validation_data = self.preprocess(validation_data)
+        return super().fit(self.preprocess(x) if x is not None else x, y,
+                           *args, validation_data=validation_data, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """Keras' evaluate; `x` may be raw images."""
+        return super().evaluate(self.preprocess(x) if x is not None else x,
+                                y, *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
         self.backbone.embedding.check_images(inputs.shape)
@@ -138,6 +221,17 @@ class E3ViT(PresetMixin, keras.Model):
         logits = self.predict_members(images, batch_size, verbose)
         return np.asarray(ops.convert_to_numpy(ensemble_log_probs(logits)))
 
+    def decode_predictions(self, preds, top=5):
+        """keras-hub's `decode_predictions` with this model's class names
+        (`model.class_names`, from its preset; class indices otherwise):
+        [[(name, probability), ...] per image]. `preds`: probabilities
+        [B, C] or `predict_ensemble`'s log-probabilities."""
+        from keras_e3.data.labels import decode_predictions
+
+        names = getattr(self, "class_names", None) or [
+            str(i) for i in range(self.num_classes)]
+        return decode_predictions(preds, names, top=top)
+
     def compute_intermediates(self, images, training=False):
         """`E3ViTBackbone.compute_intermediates` plus the `logits`."""
         out = self.backbone.compute_intermediates(images, training=training)
@@ -168,7 +262,7 @@ class E3ViT(PresetMixin, keras.Model):
         return model_from_vmoe(config, params, cls, image_size=image_size)
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "backbone": keras.saving.serialize_keras_object(self.backbone),
@@ -176,10 +270,29 @@ class E3ViT(PresetMixin, keras.Model):
             "head_bias_init": self.head_bias_init,
             "head_kernel_initializer": self.head_kernel_initializer,
         }
+        if self.preprocessor is not None:
+            config["preprocessor"] = keras.saving.serialize_keras_object(
+                self.preprocessor)
+        return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(
             config["backbone"])
+        if config.get("preprocessor") is not None:
+            config["preprocessor"] = ImageConverter.from_preset_config(
+                config["preprocessor"])
         return cls(**config)
+
+
+def _is_dataset(x):
+    return type(x).__module__.startswith("tensorflow") and hasattr(
+        x, "element_spec")
+
+
+def _is_opaque(x):
+    """Inputs the model passes to Keras untouched: generators, Keras
+    PyDatasets, dicts."""
+    return isinstance(x, (dict, keras.utils.PyDataset)) or (
+        hasattr(x, "__next__") and not hasattr(x, "shape"))

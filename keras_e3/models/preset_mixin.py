@@ -1,7 +1,25 @@
 """`from_preset` / `save_to_preset` for the backbone and the classifier."""
 
 
+class _ClassProperty:
+    def __init__(self, getter):
+        self.getter = getter
+
+    def __get__(self, instance, owner):
+        return self.getter(owner)
+
+
 class PresetMixin:
+    @_ClassProperty
+    def presets(cls):
+        """{name: metadata} of the built-in presets (keras-hub's
+        `Backbone.presets`): description, kind, image size, evaluation
+        pipeline (`preprocessing`), label set, parameters, FLOPs, ..."""
+        from keras_e3 import registry
+
+        return {name: registry.preset_metadata(name)
+                for name in registry.list_presets()}
+
     @classmethod
     def from_preset(cls, preset, **kwargs):
         """Builds the model from a preset and loads its weights.

@@ -64,9 +64,20 @@ def builtin_presets():
     return cards
 
 
-def list_presets():
-    """Names of the built-in presets, sorted."""
-    return sorted(builtin_presets())
+def list_presets(pattern=None):
+    """Names of the built-in presets, sorted; `pattern` filters them with
+    shell-style wildcards (`list_presets("vmoe_*")`)."""
+    import fnmatch
+
+    names = sorted(builtin_presets())
+    return names if pattern is None else fnmatch.filter(names, pattern)
+
+
+def preset_metadata(name):
+    """A card's description without its model config: description, kind,
+    image size, evaluation pipeline, label set, parameters, FLOPs, ..."""
+    card = builtin_presets()[name]
+    return {k: v for k, v in card.items() if k != "vmoe_config"}
 
 
 def cache_dir():
@@ -107,14 +118,18 @@ def materialize(name):
             pass  # damaged cache: convert again (written atomically)
     convert_checkpoint(card["vmoe_config"], card["checkpoint"], target,
                        image_size=card.get("image_size"),
-                       extra_metadata={"preset": name})
+                       extra_metadata={"preset": name},
+                       preprocessing=card.get("preprocessing"))
     return str(target)
 
 
 def convert_checkpoint(vmoe_config, checkpoint, preset_dir, image_size=None,
-                       extra_metadata=None):
-    """Official config + checkpoint (prefix, URL or .npz) -> preset dir."""
+                       extra_metadata=None, preprocessing=None):
+    """Official config + checkpoint (prefix, URL or .npz) -> preset dir.
+    `preprocessing`: the vmoe evaluation process string, saved as the
+    preset's ImageConverter."""
     from keras_e3.conversion.vmoe import model_from_vmoe
+    from keras_e3.layers.image_converter import ImageConverter
 
     task_cls = keras.saving.get_registered_object(TASK_CLASS)
     if task_cls is None:  # registered when keras_e3.models is imported
@@ -122,6 +137,9 @@ def convert_checkpoint(vmoe_config, checkpoint, preset_dir, image_size=None,
                            "keras_e3 first.")
     model = model_from_vmoe(vmoe_config, checkpoint, task_cls,
                             image_size=image_size)
+    if preprocessing:
+        model.preprocessor = ImageConverter.from_vmoe_process(
+            preprocessing, num_channels=model.backbone.num_channels)
     metadata = {"source": os.fspath(checkpoint), **(extra_metadata or {})}
     model.save_to_preset(preset_dir, extra_metadata=metadata)
     return model

@@ -22,9 +22,12 @@ by the models' `from_preset`, and deserialises the preset's configs into it.
 import os
 
 import keras
+import numpy as np
 
+from keras_e3.data.labels import class_names
 from keras_e3.layers.embedding import as_pair
 from keras_e3.layers.embedding import resample_position_embedding
+from keras_e3.layers.image_converter import ImageConverter
 from keras_e3.presets import builtin
 from keras_e3.presets import files
 from keras_e3.presets.files import PresetError
@@ -67,8 +70,8 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
         config, head = builtin.architecture(card)
         backbone = _backbone(cls, dict(config, **overrides), image_size,
                              dtype)
-        return _attach(cls, backbone, head, num_classes, dtype,
-                       card.get("preprocessor"))
+        model = _attach(cls, backbone, head, num_classes, dtype, {})
+        return apply_card(model, card)
     preset_dir = resolve(handle)
     # An official checkpoint's cached preset was just verified (or written)
     # by `builtin.materialize`: do not hash its weights a second time.
@@ -85,6 +88,7 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
                          source=preset_dir)
     if load_weights:
         files.load_backbone_weights(backbone, preset_dir)
+        refuse_nonfinite(backbone.weights, preset_dir)
         if image_size is not None and (as_pair(image_size, "image_size")
                                        != backbone.embedding.image_size):
             backbone = resize_backbone(backbone, image_size)
@@ -94,11 +98,55 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
             head or {}).get("num_classes"):
         files.load_head_weights(
             os.path.join(preset_dir, files.TASK_WEIGHTS_FILE), model.head)
+        refuse_nonfinite(model.head.weights, preset_dir)
         names = files.read_json(preset_dir, files.METADATA_FILE).get(
             "class_names")
         if names and len(names) == model.num_classes:
             model.class_names = list(names)
+    return apply_card(model, card) if card is not None else model
+
+
+def apply_card(model, card):
+    """A built-in card's evaluation pipeline (`preprocessing`, a vmoe
+    process string) and label set (`labels`) on a classifier."""
+    if not _is_task(type(model)):
+        return model
+    if card.get("preprocessing"):
+        converter = ImageConverter.from_vmoe_process(
+            card["preprocessing"], num_channels=model.backbone.num_channels)
+        model.preprocessor = converter_for(model.backbone, converter)
+        model.preprocessor_config = model.preprocessor.preprocessor_config()
+    label_set = card.get("labels")
+    if label_set and not getattr(model, "class_names", None):
+        names = class_names(label_set)
+        if len(names) == model.num_classes:
+            model.class_names = names
     return model
+
+
+def converter_for(backbone, config):
+    """An ImageConverter from a preprocessor.json (a serialised converter
+    or the older flat dict) for `backbone`'s input shape (its image size
+    wins over the file's)."""
+    size = tuple(backbone.embedding.image_size)
+    try:
+        converter = ImageConverter.from_preset_config(
+            config, image_size=size, num_channels=backbone.num_channels)
+    except (TypeError, ValueError) as e:
+        raise PresetError(f"Invalid preprocessor config: {e}") from e
+    if converter.image_size != size:
+        converter = converter.with_image_size(size)
+    return converter
+
+
+def refuse_nonfinite(variables, preset_dir):
+    """A PresetError naming every weight with NaN or inf values."""
+    bad = [v.path for v in variables
+           if not np.isfinite(np.asarray(keras.ops.convert_to_numpy(
+               keras.ops.cast(v.value, "float32")))).all()]
+    if bad:
+        raise PresetError(f"{preset_dir}: non-finite (NaN or inf) weights in "
+                          + ", ".join(bad) + ".")
 
 
 def _backbone_cls(cls):
@@ -124,7 +172,8 @@ def _backbone(cls, config, image_size, dtype, source=None):
 def _attach(cls, backbone, head, num_classes, dtype, preprocessor):
     """`backbone` itself, or a `cls` task on it: with the stored head
     settings `head`, or a fresh head where `num_classes` differs. Both
-    carry the preset's preprocessor settings."""
+    carry the preset's preprocessor settings (`preprocessor`, the
+    preprocessor.json); the task owns the ImageConverter made of them."""
     backbone.preprocessor_config = preprocessor_config(backbone, preprocessor)
     if not _is_task(cls):
         return backbone
@@ -133,6 +182,7 @@ def _attach(cls, backbone, head, num_classes, dtype, preprocessor):
         head = {"num_classes": num_classes}
     task = cls(backbone, dtype=dtype, **head)
     task.preprocessor_config = backbone.preprocessor_config
+    task.preprocessor = converter_for(backbone, preprocessor or {})
     return task
 
 
@@ -203,6 +253,8 @@ def preprocessor_config(backbone, stored=None):
     preprocessor.json), completed with the model's channels and vmoe's
     [-1, 1] value range. The image size is always the model's (it may have
     been resized)."""
+    if stored and "class_name" in stored:  # a serialised ImageConverter
+        stored = converter_for(backbone, stored).preprocessor_config()
     return {"num_channels": backbone.num_channels,
             "value_range": [float(v) for v in DEFAULT_VALUE_RANGE],
             **(stored or {}),
@@ -235,8 +287,17 @@ def save_to_preset(model, preset_dir, preprocessor=None,
     """Writes a backbone or a classifier as a preset directory."""
     task = model if hasattr(model, "backbone") else None
     backbone = model.backbone if task is not None else model
-    preprocessor = preprocessor_config(
-        backbone, preprocessor or getattr(model, "preprocessor_config", None))
+    if preprocessor is None and isinstance(
+            getattr(model, "preprocessor", None), ImageConverter):
+        preprocessor = model.preprocessor
+    if isinstance(preprocessor, ImageConverter):
+        # preprocessor.json: the converter's Keras serialisation.
+        preprocessor = keras.saving.serialize_keras_object(
+            converter_for(backbone, preprocessor))
+    else:
+        preprocessor = preprocessor_config(
+            backbone,
+            preprocessor or getattr(model, "preprocessor_config", None))
     metadata = dict(extra_metadata or {})
     class_names = getattr(model, "class_names", None)
     if task is not None and class_names and "class_names" not in metadata:

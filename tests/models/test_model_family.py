@@ -365,7 +365,7 @@ def test_flops_counter_params_match_the_model(name):
     counts = keras_e3.count_flops(model) if hasattr(
         keras_e3, "count_flops") else None
     if counts is None:
-        from keras_e3.flops import count_flops
+        from keras_e3.evaluation.flops import count_flops
 
         counts = count_flops(model)
     assert counts["params"] == sum(
@@ -394,7 +394,7 @@ def test_resize_sincos2d_backbone(rng):
     """A sincos2d model resized to another image size gets the table of
     the new grid (no weight to resample)."""
     from keras_e3.layers.embedding import sincos2d_position_embedding
-    from keras_e3.preset_loader import resize_backbone
+    from keras_e3.presets.loader import resize_backbone
 
     backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs(
         position_embedding="sincos2d", classifier="gap", ensemble_size=1))

@@ -77,8 +77,9 @@ def test_shipped_preset_is_complete_and_verified(name):
     assert meta["dataset"] == "sklearn load_digits"
     preprocessor = json.loads(
         (PRETRAINED / name / "preprocessor.json").read_text())
+    config = json.loads((PRETRAINED / name / "config.json").read_text())
     assert preprocessor == digits.digits_preprocessor(
-        preprocessor["image_size"][0], preprocessor["num_channels"])
+        config["config"]["image_size"], config["config"]["num_channels"])
     # Small enough to ship inside the package.
     size = sum(f.stat().st_size for f in (PRETRAINED / name).iterdir())
     assert size < 1_000_000

@@ -1,0 +1,736 @@
+"""ImageConverter: raw images -> model-ready float32 [B, H, W, C].
+
+Accepts uint8 or float arrays of any size (one image [H, W, C] or [H, W],
+a batch [B, H, W, C] or a batch of gray images [B, H, W]), lists of them
+(sizes may differ), file paths, encoded bytes (PNG, JPEG, ...; decoded on
+the host with Pillow) and PIL images. In order it
+
+1. converts channels: gray -> RGB repeats the channel, RGBA -> RGB drops
+   alpha; anything else that differs from `num_channels` (2 channels, RGB
+   into a 1-channel model, ...) is a ValueError;
+2. resizes: to `image_size` directly, or, with `smaller_side`, the smaller
+   side to `smaller_side` (aspect ratio kept, sides rounded half to even as
+   `tf.round`) and then crops the centre to `image_size` (offsets
+   (size - crop) // 2); with `interpolation` "bilinear" (TensorFlow's
+   `tf.image.resize`: half-pixel centres, no antialiasing) or "area"
+   (`tf.compat.v1.image.resize_area`);
+3. with `cast_to_input_dtype`, casts the resized image back to the input's
+   dtype (truncation for uint8), as vmoe's `resize` op does;
+4. maps `input_range` linearly onto `value_range` (float32).
+
+`ImageConverter.from_vmoe_process("decode|resize_small(256)|"
+"central_crop(224)|value_range(-1,1)")` builds the converter of a vmoe
+evaluation pipeline; its outputs equal vmoe's (TensorFlow's resampling is
+reproduced, not approximated).
+
+Where it runs: on NumPy inputs and every host input the conversion is
+NumPy (any Keras backend, no TensorFlow needed) and returns a NumPy array;
+on `tf.Tensor`s inside a `tf.data` map (graph mode) it uses TensorFlow's
+own ops (string tensors are decoded as encoded images, by
+`tf.io.decode_image` with the model's number of channels).
+
+Float images are taken to be in `input_range`. Values more than 0.25% of
+the range outside it (e.g. images already scaled to [-1, 1], or 16-bit
+values, given to a 0-255 converter) are refused with a ValueError rather
+than silently mapped to wrong inputs; non-finite values too. Float images
+entirely inside [0, 1] given to a converter expecting [0, 255] get a
+warning (they would be almost black).
+"""
+
+import ast
+import io
+import os
+import warnings
+
+import keras
+import numpy as np
+
+INTERPOLATIONS = ("bilinear", "area")
+# Float inputs may stray this share of the input range outside it (a
+# resampling overshoot), not more: [-1, 1] images given to a 0-255
+# converter are refused.
+INPUT_TOLERANCE = 0.0025
+# Model-ready images may stray 1% of the value range outside it.
+READY_TOLERANCE = 0.01
+VMOE_OPS = ("decode", "resize", "resize_small", "central_crop",
+            "value_range")
+
+
+@keras.saving.register_keras_serializable(package="keras_e3")
+class ImageConverter(keras.layers.Layer):
+    """Raw images -> model-ready float32 images (see the module docstring).
+
+    Args:
+        image_size: int or (height, width) of the outputs; None keeps the
+            input size (then only channels and values are converted).
+        num_channels: channels the model takes (1 or 3 usually); None
+            keeps the input's.
+        smaller_side: if set, resize the smaller side to this (aspect ratio
+            kept) and crop the centre to `image_size`.
+        interpolation: "bilinear" or "area".
+        cast_to_input_dtype: cast the resized image back to the input dtype
+            (vmoe's `resize`: uint8 truncation).
+        input_range: (low, high) of the raw pixel values.
+        value_range: (low, high) the model takes.
+
+    Example:
+    >>> import numpy as np
+    >>> converter = ImageConverter(image_size=32, num_channels=3)
+    >>> converter(np.zeros((50, 40, 1), np.uint8)).shape
+    (1, 32, 32, 3)
+    """
+
+    def __init__(self, image_size=None, num_channels=3, smaller_side=None,
+                 interpolation="bilinear", cast_to_input_dtype=False,
+                 input_range=(0.0, 255.0), value_range=(-1.0, 1.0),
+                 **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.image_size = None if image_size is None else _pair(
+            image_size, "image_size")
+        if num_channels is not None and int(num_channels) < 1:
+            raise ValueError(f"num_channels must be >= 1; got "
+                             f"{num_channels}.")
+        self.num_channels = None if num_channels is None else int(
+            num_channels)
+        if smaller_side is not None:
+            smaller_side = int(smaller_side)
+            if smaller_side < 1:
+                raise ValueError("smaller_side must be >= 1; got "
+                                 f"{smaller_side}.")
+            if self.image_size is not None and smaller_side < min(
+                    self.image_size):
+                raise ValueError(
+                    f"smaller_side={smaller_side} is smaller than the crop "
+                    f"{self.image_size}: the centre crop would not fit.")
+        self.smaller_side = smaller_side
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}"
+                             f"; got {interpolation!r}.")
+        self.interpolation = interpolation
+        self.cast_to_input_dtype = bool(cast_to_input_dtype)
+        self.input_range = _range(input_range, "input_range")
+        self.value_range = _range(value_range, "value_range")
+        self.built = True
+
+    # ------------------------------------------------------------------
+    # Construction from other descriptions.
+    @classmethod
+    def from_vmoe_process(cls, process, num_channels=3):
+        """The converter of a vmoe process string (ops `decode`, `resize`,
+        `resize_small`, `central_crop`, `value_range`, written as vmoe's
+        `parse_call` reads them), e.g.
+        "decode|resize_small(256)|central_crop(224)|value_range(-1,1)"."""
+        kwargs = {"num_channels": num_channels, "value_range": None}
+        seen = []
+        for op, args, kw in parse_process(process):
+            if op not in VMOE_OPS:
+                raise ValueError(
+                    f"Unsupported op {op!r} in vmoe process {process!r}: "
+                    f"an ImageConverter understands {', '.join(VMOE_OPS)}.")
+            if seen and op == "decode":
+                raise ValueError(f"decode must come first in {process!r}.")
+            if "value_range" in seen:
+                raise ValueError(f"value_range must be the last op in "
+                                 f"{process!r}.")
+            if op in seen:
+                raise ValueError(f"{op} appears twice in {process!r}.")
+            seen.append(op)
+            _apply_vmoe_op(kwargs, op, args, kw, process)
+        if "resize" in seen and ("resize_small" in seen
+                                 or "central_crop" in seen):
+            raise ValueError(f"{process!r}: resize cannot be combined with "
+                             "resize_small / central_crop here.")
+        if "central_crop" in seen and "resize_small" not in seen:
+            raise ValueError(f"{process!r}: central_crop is supported after "
+                             "resize_small only.")
+        if kwargs["value_range"] is None:
+            # Without value_range, vmoe feeds the model the 0-255 values.
+            kwargs["value_range"] = kwargs.get("input_range", (0.0, 255.0))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_preset_config(cls, config, image_size=None, num_channels=None):
+        """From a preset's preprocessor.json: the converter's Keras
+        serialisation, or the older flat dict {image_size, num_channels,
+        value_range[, source_range, interpolation]} (extra keys ignored).
+        `image_size` / `num_channels` (the model's) fill in what the file
+        leaves out."""
+        if isinstance(config, ImageConverter):
+            return config
+        if not isinstance(config, dict):
+            raise ValueError("A preprocessor config must be a dict; got "
+                             f"{type(config).__name__}.")
+        if "class_name" in config:
+            if config["class_name"] != cls.__name__:
+                raise ValueError(f"preprocessor config describes "
+                                 f"{config['class_name']!r}, not an "
+                                 f"{cls.__name__}.")
+            return cls.from_config(dict(config.get("config") or {}))
+        kwargs = {"image_size": config.get("image_size", image_size),
+                  "num_channels": config.get("num_channels", num_channels),
+                  "value_range": config.get("value_range", (-1.0, 1.0)),
+                  "input_range": config.get("source_range", (0.0, 255.0)),
+                  "interpolation": config.get("interpolation", "bilinear")}
+        return cls(**kwargs)
+
+    def preprocessor_config(self):
+        """The flat dict older code reads (`image_size`, `num_channels`,
+        `value_range`, `source_range`, `interpolation`)."""
+        return {"image_size": None if self.image_size is None
+                else list(self.image_size),
+                "num_channels": self.num_channels,
+                "value_range": list(self.value_range),
+                "source_range": list(self.input_range),
+                "interpolation": self.interpolation}
+
+    def with_image_size(self, image_size):
+        """A copy producing `image_size` (a centre crop's `smaller_side`
+        scaled by the same factor)."""
+        config = self.get_config()
+        size = _pair(image_size, "image_size")
+        if self.smaller_side is not None and self.image_size is not None:
+            factor = min(size) / min(self.image_size)
+            config["smaller_side"] = max(int(round(self.smaller_side
+                                                   * factor)), min(size))
+        config["image_size"] = list(size)
+        return type(self).from_config(config)
+
+    def process_string(self):
+        """A vmoe-style description of the pipeline."""
+        ops = ["decode"]
+        if self.smaller_side is not None:
+            ops.append(f"resize_small({self.smaller_side})")
+            if self.image_size is not None:
+                ops.append("central_crop(%d,%d)" % self.image_size)
+        elif self.image_size is not None:
+            method = ("" if self.interpolation == "bilinear"
+                      else f", method='{self.interpolation}'")
+            ops.append("resize((%d,%d)%s)" % (*self.image_size, method))
+        lo, hi = self.value_range
+        in_lo, in_hi = self.input_range
+        ops.append(f"value_range({lo:g},{hi:g},{in_lo:g},{in_hi:g})")
+        return "|".join(ops)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "image_size": None if self.image_size is None
+            else list(self.image_size),
+            "num_channels": self.num_channels,
+            "smaller_side": self.smaller_side,
+            "interpolation": self.interpolation,
+            "cast_to_input_dtype": self.cast_to_input_dtype,
+            "input_range": list(self.input_range),
+            "value_range": list(self.value_range),
+        })
+        return config
+
+    # ------------------------------------------------------------------
+    # Conversion.
+    def __call__(self, images):
+        return self.call(images)
+
+    def call(self, images):
+        if _is_symbolic_tf(images):
+            return self._convert_tf(images)
+        return self.convert(images)
+
+    def compute_output_shape(self, input_shape):
+        size = self.image_size or tuple(input_shape[-3:-1])
+        channels = self.num_channels or input_shape[-1]
+        return (input_shape[0], *size, channels)
+
+    def is_model_ready(self, images):
+        """True if `images` are already what the model takes: a float
+        batch [B, H, W, C] of `image_size` and `num_channels`, with values
+        within `value_range` (1% tolerance)."""
+        if isinstance(images, (str, bytes, os.PathLike, list, tuple)):
+            return False
+        if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+            return False
+        shape = tuple(images.shape)
+        if len(shape) != 4 or self.image_size is None or \
+                shape[1:3] != self.image_size or (
+                    self.num_channels is not None
+                    and shape[3] != self.num_channels):
+            return False
+        if _is_symbolic_tf(images):
+            return images.dtype.is_floating
+        if not np.issubdtype(np.dtype(_dtype_name(images)), np.floating):
+            return False
+        x = _to_numpy(images)
+        if x.size == 0:
+            return True
+        lo, hi = self.value_range
+        tol = READY_TOLERANCE * (hi - lo)
+        return bool(np.isfinite(x).all() and x.min() >= lo - tol
+                    and x.max() <= hi + tol)
+
+    def convert(self, images):
+        """Host conversion (NumPy): any supported input -> float32 NumPy
+        [B, H, W, C]. Always a batch, also for one image."""
+        items = _as_images(images)
+        if isinstance(items, np.ndarray):  # one array [B, H, W, C]
+            return self._convert_batch(items)
+        outputs = [self._convert_batch(x) for x in items]
+        shapes = {o.shape[1:] for o in outputs}
+        if len(shapes) > 1:
+            raise ValueError(
+                "Images of different sizes cannot form one batch: give the "
+                f"converter an image_size (got sizes {sorted(shapes)}).")
+        if not outputs:
+            raise ValueError("No images given.")
+        return np.concatenate(outputs, axis=0)
+
+    def _convert_batch(self, x):
+        """[B, H, W, C] NumPy array -> float32 [B, H', W', C']."""
+        if x.ndim != 4:
+            raise ValueError(f"Expected images [H, W, C] or [B, H, W, C]; "
+                             f"got shape {x.shape}.")
+        if x.dtype == bool or not (np.issubdtype(x.dtype, np.integer)
+                                   or np.issubdtype(x.dtype, np.floating)):
+            raise ValueError(f"Images must be integer or float arrays; got "
+                             f"dtype {x.dtype}.")
+        if np.issubdtype(x.dtype, np.floating):
+            self._check_float_range(x)
+        x = _convert_channels(x, self.num_channels, np)
+        dtype = x.dtype
+        if self.smaller_side is not None:
+            height, width = resize_small_size(x.shape[1], x.shape[2],
+                                              self.smaller_side)
+            x = _resize_np(x, (height, width), self.interpolation)
+            if self.image_size is not None:
+                x = _central_crop_np(x, self.image_size)
+        elif self.image_size is not None:
+            x = _resize_np(x, self.image_size, self.interpolation)
+        if self.cast_to_input_dtype and x.dtype != dtype:
+            x = _cast_np(x, dtype)
+        return self._scale(np.asarray(x, dtype=np.float32))
+
+    def _scale(self, x):
+        lo, hi = self.input_range
+        vmin, vmax = self.value_range
+        if (lo, hi) == (vmin, vmax):
+            return x
+        f32 = np.float32
+        if _is_symbolic_tf(x):
+            import tensorflow as tf
+
+            f32 = (lambda v: tf.constant(v, tf.float32))
+        x = (x - f32(lo)) / (f32(hi) - f32(lo))
+        return f32(vmin) + x * (f32(vmax) - f32(vmin))
+
+    def _check_float_range(self, x):
+        if x.size == 0:
+            return
+        if not np.isfinite(x).all():
+            raise ValueError("Images contain NaN or infinite values.")
+        lo, hi = self.input_range
+        tol = INPUT_TOLERANCE * (hi - lo)
+        x_min, x_max = float(x.min()), float(x.max())
+        if x_min < lo - tol or x_max > hi + tol:
+            raise ValueError(
+                f"Float images with values in [{x_min:g}, {x_max:g}] are "
+                f"far outside the converter's input range [{lo:g}, {hi:g}]."
+                f" Give raw pixels in [{lo:g}, {hi:g}] (e.g. uint8), give "
+                "model-ready images of the model's size, or build the "
+                "converter with the right input_range.")
+        if hi >= 2.0 and lo == 0.0 and 0.0 < x_max <= 1.0:
+            warnings.warn(
+                f"Float images in [0, 1] given to a converter expecting "
+                f"[{lo:g}, {hi:g}]: they will look almost black. Multiply "
+                "them by 255 or use input_range=(0, 1).", stacklevel=4)
+
+    def _convert_tf(self, images):
+        """TensorFlow ops (inside tf.data): [H, W, C] or [B, H, W, C] or an
+        encoded image string -> float32, same rank (strings give
+        [H, W, C])."""
+        import tensorflow as tf
+
+        x = images
+        if x.dtype == tf.string:
+            # TensorFlow's decoder converts to the model's channels itself.
+            channels = (self.num_channels if self.num_channels in (1, 3, 4)
+                        else 0)
+            x = tf.io.decode_image(x, channels=channels,
+                                   expand_animations=False)
+        single = x.shape.rank == 3
+        if single:
+            x = x[None]
+        if x.shape.rank != 4:
+            raise ValueError(f"Expected images [H, W, C] or [B, H, W, C]; "
+                             f"got shape {x.shape}.")
+        dtype = x.dtype
+        if dtype.is_floating:
+            lo, hi = self.input_range
+            tol = INPUT_TOLERANCE * (hi - lo)
+            x = tf.ensure_shape(x, x.shape)
+            with tf.control_dependencies([
+                    tf.debugging.assert_greater_equal(
+                        tf.reduce_min(x), tf.cast(lo - tol, dtype),
+                        message="images far below the converter's "
+                                "input_range"),
+                    tf.debugging.assert_less_equal(
+                        tf.reduce_max(x), tf.cast(hi + tol, dtype),
+                        message="images far above the converter's "
+                                "input_range")]):
+                x = tf.identity(x)
+        x = _convert_channels(x, self.num_channels, tf)
+        if self.smaller_side is not None:
+            shape = tf.shape(x)
+            h, w = shape[1], shape[2]
+            ratio = (tf.cast(self.smaller_side, tf.float32)
+                     / tf.cast(tf.minimum(h, w), tf.float32))
+            size = [tf.cast(tf.round(tf.cast(h, tf.float32) * ratio),
+                            tf.int32),
+                    tf.cast(tf.round(tf.cast(w, tf.float32) * ratio),
+                            tf.int32)]
+            x = _resize_tf(x, size, self.interpolation)
+            if self.image_size is not None:
+                ch, cw = self.image_size
+                top = (size[0] - ch) // 2
+                left = (size[1] - cw) // 2
+                x = x[:, top:top + ch, left:left + cw, :]
+                x = tf.ensure_shape(x, [None, ch, cw, None])
+        elif self.image_size is not None:
+            x = _resize_tf(x, self.image_size, self.interpolation)
+        if self.cast_to_input_dtype:
+            x = tf.cast(x, dtype)
+        x = self._scale(tf.cast(x, tf.float32))
+        return x[0] if single else x
+
+
+# ----------------------------------------------------------------------
+# vmoe process strings.
+def parse_process(process):
+    """[(op, args, kwargs)] of a vmoe process string "op(a, k=v)|op2"."""
+    if not isinstance(process, str) or not process.strip():
+        raise ValueError(f"A vmoe process must be a non-empty string; got "
+                         f"{process!r}.")
+    calls = []
+    for part in process.split("|"):
+        part = part.strip()
+        try:
+            node = ast.parse(part if "(" in part else part + "()",
+                             mode="eval").body
+            if not isinstance(node, ast.Call) or not isinstance(
+                    node.func, ast.Name):
+                raise ValueError("not a call")
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value)
+                      for k in node.keywords}
+        except (SyntaxError, ValueError) as e:
+            raise ValueError(f"Cannot parse {part!r} in vmoe process "
+                             f"{process!r}: {e}") from e
+        calls.append((node.func.id, args, kwargs))
+    return calls
+
+
+def _bind(op, args, kwargs, names, defaults, process):
+    if len(args) > len(names):
+        raise ValueError(f"{op} takes at most {len(names)} arguments in "
+                         f"{process!r}.")
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise ValueError(f"{op} got unknown argument(s) {sorted(unknown)} in "
+                         f"{process!r}.")
+    bound.update(kwargs)
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise ValueError(f"{op} lacks {missing} in {process!r}.")
+    return bound
+
+
+def _apply_vmoe_op(kwargs, op, args, kw, process):
+    if op == "decode":
+        b = _bind(op, args, kw, ("channels",), {"channels": 3}, process)
+        kwargs["num_channels"] = int(b["channels"])
+    elif op == "resize":
+        b = _bind(op, args, kw, ("size", "method", "antialias"),
+                  {"method": "bilinear", "antialias": False}, process)
+        if b["method"] not in INTERPOLATIONS or b["antialias"]:
+            raise ValueError(f"{process!r}: resize supports method "
+                             f"{INTERPOLATIONS} without antialias.")
+        kwargs.update(image_size=_pair(b["size"], "size"),
+                      interpolation=b["method"], cast_to_input_dtype=True)
+    elif op == "resize_small":
+        b = _bind(op, args, kw, ("smaller_size", "method", "antialias"),
+                  {"method": "area", "antialias": False}, process)
+        if b["method"] != "area" or b["antialias"]:
+            raise ValueError(f"{process!r}: resize_small supports the "
+                             "area method only.")
+        kwargs.update(smaller_side=int(b["smaller_size"]),
+                      interpolation="area")
+    elif op == "central_crop":
+        b = _bind(op, args, kw, ("crop_size",), {}, process)
+        kwargs["image_size"] = _pair(b["crop_size"], "crop_size")
+    elif op == "value_range":
+        b = _bind(op, args, kw,
+                  ("vmin", "vmax", "in_min", "in_max", "clip_values"),
+                  {"in_min": 0.0, "in_max": 255.0, "clip_values": False},
+                  process)
+        if b["clip_values"]:
+            raise ValueError(f"{process!r}: value_range(clip_values=True) "
+                             "is not supported.")
+        kwargs.update(value_range=(b["vmin"], b["vmax"]),
+                      input_range=(b["in_min"], b["in_max"]))
+
+
+# ----------------------------------------------------------------------
+# Inputs.
+def decode_image(source):
+    """A file path or encoded bytes -> uint8 NumPy [H, W, C] (C = 1 for
+    gray, 3 for RGB, 4 for RGBA; palette images expanded), decoded with
+    Pillow, without colour management or EXIF rotation (as TensorFlow's
+    decoders)."""
+    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name, stream = "encoded bytes", io.BytesIO(bytes(source))
+    else:
+        name = os.fspath(source)
+        if not os.path.isfile(name):
+            raise ValueError(f"No such image file: {name!r}.")
+        stream = name
+    try:
+        with Image.open(stream) as image:
+            image.load()
+            return _pil_to_array(image)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"Cannot decode {name} as an image: {e}") from e
+
+
+def _pil_to_array(image):
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info
+                              else "RGB")
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode == "LA":
+        image = image.convert("LA")
+    elif mode in ("I;16", "I;16B", "I;16L"):
+        arr = np.asarray(image, dtype=np.uint16) >> 8
+        return arr.astype(np.uint8)[..., None]
+    elif mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("RGB")
+    arr = np.asarray(image)
+    if image.mode == "LA":
+        arr = arr[..., :1]
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return arr
+
+
+def _is_host_item(x):
+    if isinstance(x, (str, bytes, bytearray, memoryview, os.PathLike)):
+        return True
+    return type(x).__module__.startswith("PIL.")
+
+
+def _as_image(x):
+    """One image (path, bytes, PIL image or array) -> NumPy [1, H, W, C]."""
+    if isinstance(x, (str, bytes, bytearray, memoryview, os.PathLike)):
+        return decode_image(x)[None]
+    if type(x).__module__.startswith("PIL."):
+        return _pil_to_array(x)[None]
+    x = _to_numpy(x)
+    if x.ndim == 2:
+        return x[None, :, :, None]
+    if x.ndim == 3:
+        return x[None]
+    raise ValueError("Each image of a list must be [H, W] or [H, W, C]; got "
+                     f"shape {x.shape}.")
+
+
+def _as_images(images):
+    """A NumPy batch [B, H, W, C], or a list of [1, H, W, C] arrays."""
+    if _is_host_item(images):
+        return [_as_image(images)]
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("No images given (an empty list).")
+        if _is_host_item(images[0]) or hasattr(images[0], "shape"):
+            return [_as_image(x) for x in images]
+    x = _to_numpy(images)
+    if x.dtype == object:
+        raise ValueError("Images of different sizes must be given as a list"
+                         " of arrays, not as one array.")
+    if x.ndim == 2:  # one gray image [H, W]
+        return x[None, :, :, None]
+    if x.ndim == 3:
+        # [H, W, C] with C <= 4 is one image; otherwise a gray batch.
+        return x[None] if x.shape[-1] <= 4 else x[..., None]
+    if x.ndim == 4:
+        return x
+    raise ValueError("Images must be [H, W], [H, W, C], [B, H, W] or "
+                     f"[B, H, W, C]; got shape {x.shape}.")
+
+
+def _to_numpy(x):
+    if isinstance(x, np.ndarray):
+        return x
+    if keras.ops.is_tensor(x) or type(x).__module__.split(".")[0] in (
+            "tensorflow", "torch", "jax", "jaxlib"):
+        return np.asarray(keras.ops.convert_to_numpy(x)) if \
+            keras.ops.is_tensor(x) else np.asarray(x)
+    return np.asarray(x)
+
+
+def _dtype_name(x):
+    dtype = x.dtype
+    return getattr(dtype, "name", None) or str(dtype).replace("torch.", "")
+
+
+def _is_symbolic_tf(x):
+    """A tf.Tensor in graph mode (e.g. inside a tf.data map)."""
+    if not type(x).__module__.startswith("tensorflow"):
+        return False
+    import tensorflow as tf
+
+    return isinstance(x, tf.Tensor) and not hasattr(x, "numpy")
+
+
+# ----------------------------------------------------------------------
+# Operations.
+def _convert_channels(x, num_channels, lib):
+    channels = x.shape[-1]
+    if num_channels is None or channels == num_channels:
+        if channels not in (1, 3, 4) and num_channels is None:
+            raise ValueError(f"Images with {channels} channels: expected 1 "
+                             "(gray), 3 (RGB) or 4 (RGBA).")
+        return x
+    if channels == 1 and num_channels == 3:
+        return lib.repeat(x, 3, axis=-1) if lib is np else lib.tile(
+            x, [1, 1, 1, 3])
+    if channels == 4 and num_channels == 3:
+        return x[..., :3]
+    if channels in (3, 4) and num_channels == 1:
+        raise ValueError(
+            f"{'RGB' if channels == 3 else 'RGBA'} images (shape "
+            f"{tuple(x.shape)}) given to a model that takes 1-channel "
+            "(grayscale) images: convert them to grayscale first.")
+    raise ValueError(
+        f"Images with {channels} channels (shape {tuple(x.shape)}) cannot "
+        f"be converted to the model's {num_channels} channels: give gray "
+        "(1), RGB (3) or RGBA (4) images.")
+
+
+def resize_small_size(height, width, smaller_side):
+    """vmoe's resize_small: the smaller side becomes `smaller_side`, the
+    other is scaled by the same ratio and rounded half to even (float32
+    arithmetic, as `tf.round`)."""
+    ratio = np.float32(smaller_side) / np.float32(min(height, width))
+    return (int(np.round(np.float32(height) * ratio)),
+            int(np.round(np.float32(width) * ratio)))
+
+
+def _central_crop_np(x, size):
+    ch, cw = size
+    height, width = x.shape[1:3]
+    if ch > height or cw > width:
+        raise ValueError(f"Cannot crop {ch}x{cw} from a {height}x{width} "
+                         "image.")
+    top, left = (height - ch) // 2, (width - cw) // 2
+    return x[:, top:top + ch, left:left + cw, :]
+
+
+def _cast_np(x, dtype):
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    if info is None:
+        return x.astype(dtype)
+    return np.clip(np.trunc(x), info.min, info.max).astype(dtype)
+
+
+def _resize_np(x, size, interpolation):
+    height, width = _pair(size, "size")
+    if interpolation == "area":
+        return _resize_area_np(x, height, width)
+    return _resize_bilinear_np(x, height, width)
+
+
+def _bilinear_taps(in_size, out_size):
+    """TensorFlow's half-pixel bilinear taps, in float32 as its kernel."""
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    pos = (np.arange(out_size, dtype=f32) + f32(0.5)) * scale - f32(0.5)
+    floor = np.floor(pos)
+    low = np.maximum(floor.astype(np.int64), 0)
+    high = np.minimum(np.ceil(pos).astype(np.int64), in_size - 1)
+    return low, high, (pos - floor).astype(f32)
+
+
+def _resize_bilinear_np(x, height, width):
+    """`tf.image.resize(..., "bilinear", antialias=False)` in NumPy."""
+    x = np.asarray(x, dtype=np.float32)
+    y0, y1, dy = _bilinear_taps(x.shape[1], height)
+    x0, x1, dx = _bilinear_taps(x.shape[2], width)
+    dx = dx[None, None, :, None]
+    dy = dy[None, :, None, None]
+    top, bottom = x[:, y0], x[:, y1]
+    top = top[:, :, x0] + (top[:, :, x1] - top[:, :, x0]) * dx
+    bottom = bottom[:, :, x0] + (bottom[:, :, x1] - bottom[:, :, x0]) * dx
+    return top + (bottom - top) * dy
+
+
+def _area_weights(in_size, out_size):
+    """[out, in] weights of TensorFlow's resize_area along one axis (each
+    input cell weighted by its overlap with the output cell's footprint,
+    in float32 as its kernel), normalised by the footprint."""
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    for o in range(out_size):
+        start = f32(o) * scale
+        end = f32(o + 1) * scale
+        for i in range(int(np.floor(start)), int(np.ceil(end))):
+            if i < start:
+                w = scale if i + 1 > end else f32(i + 1) - start
+            else:
+                w = end - f32(i) if i + 1 > end else f32(1.0)
+            weights[o, min(max(i, 0), in_size - 1)] += float(w)
+    return weights / float(scale)
+
+
+def _resize_area_np(x, height, width):
+    """`tf.compat.v1.image.resize_area` in NumPy (float32 output)."""
+    x = np.asarray(x, dtype=np.float64)
+    rows = _area_weights(x.shape[1], height)
+    cols = _area_weights(x.shape[2], width)
+    out = np.einsum("oh,bhwc->bowc", rows, x)
+    out = np.einsum("pw,bowc->bopc", cols, out)
+    return out.astype(np.float32)
+
+
+def _resize_tf(x, size, interpolation):
+    import tensorflow as tf
+
+    if interpolation == "area":
+        return tf.compat.v1.image.resize_area(x, size)
+    return tf.image.resize(x, size, method="bilinear", antialias=False)
+
+
+def _pair(size, name):
+    if isinstance(size, (int, np.integer)):
+        size = (int(size), int(size))
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{name} must be an int or (height, width) of "
+                         f"positive ints; got {size}.")
+    return size
+
+
+def _range(value, name):
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be (low, high); got {value!r}.") from e
+    if not hi > lo:
+        raise ValueError(f"{name} must be (low, high) with high > low; got "
+                         f"{tuple(value)}.")
+    return (lo, hi)
