@@ -349,8 +349,8 @@ class MoeMlp(keras.layers.Layer):
         self.router.latest_metrics = metrics
         expert_outputs = dispatcher.run_experts(
             self.experts, dispatcher.dispatch(groups), training=training)
-        y = self._from_groups(dispatcher.combine(expert_outputs), num_tokens,
-                              x.shape[1])
+        y = ungroup(dispatcher.combine(expert_outputs), num_tokens, x.shape[1],
+                    self.ensemble_size)
         if not return_routing:
             return y
         return y, dict(metrics, gates=gates, valid=valid,
@@ -366,8 +366,8 @@ class MoeMlp(keras.layers.Layer):
         dispatcher = SoftDispatcher(dispatch, combine, dtype=dtype)
         expert_outputs = self.experts(dispatcher.dispatch(groups),
                                       training=training)
-        y = self._from_groups(dispatcher.combine(expert_outputs), num_tokens,
-                              x.shape[1])
+        y = ungroup(dispatcher.combine(expert_outputs), num_tokens, x.shape[1],
+                    self.ensemble_size)
         if not return_routing:
             return y
         metrics = soft_moe_metrics(dispatch, combine, mu)
