@@ -33,6 +33,18 @@ def _parser():
     upload.add_argument("handle", help="hf://owner/repo[/branch]")
     upload.add_argument("--private", action="store_true")
     upload.add_argument("--message", help="commit message")
+    export = commands.add_parser(
+        "export", help="export a preset for serving without keras_e3 "
+                       "(TensorFlow SavedModel, ONNX or LiteRT)")
+    export.add_argument("preset")
+    export.add_argument("out", help="SavedModel directory, .onnx or "
+                                    ".tflite file (written atomically)")
+    export.add_argument("--format", default="saved_model",
+                        choices=("saved_model", "onnx", "litert"))
+    export.add_argument("--include-preprocessing", action="store_true",
+                        help="serve raw uint8 images with the preset's "
+                             "preprocessing; output member logits and "
+                             "ensemble probabilities")
     presets = commands.add_parser("presets", help="list built-in presets")
     presets.add_argument("--verbose", "-v", action="store_true")
     finetune = commands.add_parser(
@@ -146,6 +158,13 @@ def main(argv=None):
             from keras_e3 import evaluate as evaluate_module
 
             return evaluate_module.run(args)
+        elif args.command == "export":
+            from keras_e3.export import export_preset
+
+            path = export_preset(
+                args.preset, args.out, args.format,
+                include_preprocessing=args.include_preprocessing)
+            print(f"wrote {path}")
         elif args.command == "presets":
             from keras_e3 import registry
 
