@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import BACKEND
 from conftest import ROOT
 
@@ -20,6 +21,7 @@ def run_cli(*args):
                           timeout=600)
 
 
+@pytest.mark.export
 def test_export_writes_a_saved_model_or_names_backend_and_format(tmp_path):
     out = tmp_path / "served"
     result = run_cli("export", "e3_tiny_digits", str(out),

@@ -26,6 +26,8 @@ from keras_e3.export import ExportError
 from keras_e3.export import export_model
 from keras_e3.export import raw_image_shape
 
+pytestmark = pytest.mark.export
+
 BATCH_SIZES = (1, 5, 70)
 TOLERANCE = 1e-5
 
