@@ -74,6 +74,38 @@ class atomic_directory:
         return False
 
 
+@contextlib.contextmanager
+def atomic_replace(path, directory=False, error=ValueError):
+    """`with atomic_replace(p) as tmp:` let a writer create `tmp`, a file or
+    (`directory`) a folder with `p`'s base name (some writers check the
+    extension) inside a temporary folder beside `p`; on success it replaces
+    `p`. Raises `error` when `p` exists as the other kind, or when the
+    writer wrote nothing."""
+    parent = os.path.dirname(path)
+    if os.path.lexists(path) and os.path.isdir(path) != directory:
+        kind = "a directory" if os.path.isdir(path) else "a file"
+        raise error(f"{path} exists and is {kind}; remove it or "
+                          "choose another path.")
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(dir=parent,
+                            prefix=f".{os.path.basename(path)}.tmp-")
+    tmp = os.path.join(work, os.path.basename(path))
+    try:
+        yield tmp
+        if not os.path.exists(tmp):
+            raise error(f"The exporter wrote nothing at {tmp}.")
+        old = None
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(
+                dir=parent, prefix=f".{os.path.basename(path)}.old-")
+            os.rename(path, os.path.join(old, "old"))
+        os.rename(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def write_text_atomic(path, text):
     """Writes `text` to `path` atomically."""
     with atomic_path(path) as tmp:

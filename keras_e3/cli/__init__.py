@@ -5,8 +5,8 @@ import argparse
 import os
 import sys
 
-COMMANDS = ("demo", "convert", "upload", "presets", "finetune", "predict",
-            "evaluate")
+COMMANDS = ("demo", "convert", "upload", "export", "presets", "finetune",
+            "predict", "evaluate")
 
 
 def _modules():

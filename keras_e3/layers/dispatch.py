@@ -26,6 +26,9 @@ import math
 
 from keras import ops
 
+from keras_e3.layers.portable_ops import one_hot
+from keras_e3.layers.portable_ops import top_k
+
 DISPATCHERS = ("einsum", "gather", "auto")
 # Rows per tile of TiledDispatcher: large enough for efficient matmuls,
 # small against the tokens of a routing group per expert.
@@ -78,7 +81,7 @@ def top_experts_per_item(gates, num_selected_experts, batch_priority=False,
         (-1 for padding tokens). A position >= capacity means dropped.
     """
     num_experts = gates.shape[-1]
-    top_gates, expert_index = ops.top_k(gates, num_selected_experts)
+    top_gates, expert_index = top_k(gates, num_selected_experts)
     if batch_priority:
         # Serve tokens by decreasing top-1 gate; the sort is stable, so ties
         # keep token order, as with jnp.argsort in vmoe.
@@ -87,15 +90,15 @@ def top_experts_per_item(gates, num_selected_experts, batch_priority=False,
                                            axis=1)
         if valid is not None:
             valid = ops.take_along_axis(valid, perm, axis=1)
-    one_hot = ops.one_hot(expert_index, num_experts, dtype="int32")
+    hot = one_hot(expert_index, num_experts, dtype="int32")
     if valid is not None:
-        one_hot = one_hot * ops.cast(valid, "int32")[:, :, None, None]
+        hot = hot * ops.cast(valid, "int32")[:, :, None, None]
     # [G, S, K, E] -> [G, K, S, E] -> [G, K*S, E]: rank-major order, so every
     # top-1 choice precedes every top-2 choice in the running count.
-    one_hot = ops.transpose(one_hot, (0, 2, 1, 3))
-    group_size = ops.shape(one_hot)[2]
-    flat = ops.reshape(one_hot, (-1, num_selected_experts * group_size,
-                                 num_experts))
+    hot = ops.transpose(hot, (0, 2, 1, 3))
+    group_size = ops.shape(hot)[2]
+    flat = ops.reshape(hot, (-1, num_selected_experts * group_size,
+                             num_experts))
     position = ops.cumsum(flat, axis=1) * flat
     position = ops.reshape(position, (-1, num_selected_experts, group_size,
                                       num_experts))
@@ -238,7 +241,7 @@ class GatherDispatcher(Dispatcher):
     @property
     def dispatch_mask(self):
         num_slots = self.num_experts * self.capacity
-        chosen = ops.sum(ops.one_hot(self.slot, num_slots + 1,
+        chosen = ops.sum(one_hot(self.slot, num_slots + 1,
                                      dtype="int32"), axis=2)[..., :num_slots]
         shape = ops.shape(chosen)
         return ops.reshape(chosen > 0, (shape[0], shape[1], self.num_experts,
@@ -275,7 +278,7 @@ class TiledDispatcher(Dispatcher):
             groups, group_size, num_experts, k, capacity, tile)
         num_rows = num_tiles * tile
         keep = ops.logical_and(buffer_index >= 0, buffer_index < capacity)
-        chosen = ops.one_hot(expert_index, num_experts, dtype="int32") * \
+        chosen = one_hot(expert_index, num_experts, dtype="int32") * \
             ops.cast(keep, "int32")[..., None]
         counts = ops.sum(chosen, axis=(1, 2))  # [G, E] kept per group
         group_offset = ops.cumsum(counts, axis=0) - counts
@@ -409,7 +412,7 @@ def make_dispatcher(gates, num_selected_experts, capacity,
     num_experts = gates.shape[-1]
     # [G, S, K] -> [G, S, E]: the buffer slot of each token at each expert
     # (-1 where the expert was not selected).
-    chosen = ops.one_hot(expert_index, num_experts, dtype="int32")
+    chosen = one_hot(expert_index, num_experts, dtype="int32")
     slot = ops.sum(chosen * (buffer_index[..., None] + 1), axis=2) - 1
     dispatch_mask = ops.equal(slot[..., None],
                               ops.arange(capacity, dtype="int32"))

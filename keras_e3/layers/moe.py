@@ -302,15 +302,21 @@ class MoeMlp(keras.layers.Layer):
                               (0, 2, 1, 3))
         flat = ops.reshape(x, (-1, hidden))
         num_tokens = ops.shape(flat)[0]
-        pad = (-num_tokens) % self.group_size
+        # The group count and the padding are written so that they also
+        # hold for a symbolic batch size (a SavedModel export with a
+        # dynamic batch: JAX's shape polymorphism, TensorFlow's None): the
+        # padded length is num_groups * group_size by construction, so the
+        # reshape below never has to prove a divisibility.
+        size = self.group_size
+        num_groups = (num_tokens + size - 1) // size
+        pad = num_groups * size - num_tokens
         valid = None
         if not isinstance(pad, int) or pad:
             flat = ops.concatenate(
                 [flat, ops.zeros((pad, hidden), dtype=flat.dtype)], axis=0)
             valid = ops.reshape(
-                ops.arange(num_tokens + pad) < num_tokens,
-                (-1, self.group_size))
-        groups = ops.reshape(flat, (-1, self.group_size, hidden))
+                ops.arange(num_groups * size) < num_tokens, (-1, size))
+        groups = ops.reshape(flat, (num_groups, size, hidden))
         return groups, valid, num_tokens
 
     def call(self, x, training=None, return_routing=False):

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_e3.layers.portable_ops import one_hot
+
 
 def check_experts(num_experts, num_selected_experts, ensemble_size):
     """The E³ partition rule, the one place it is checked: `ensemble_size`
@@ -56,7 +58,7 @@ def load_loss(logits, logits_noisy, noise_std, num_selected_experts,
 def gshard_loss(gates, valid=None):
     """GShard's auxiliary loss (mean gate x fraction of top-1), times E^2."""
     num_experts = gates.shape[-1]
-    top1 = ops.one_hot(ops.argmax(gates, axis=-1), num_experts,
+    top1 = one_hot(ops.argmax(gates, axis=-1), num_experts,
                        dtype=gates.dtype)
     if valid is None:
         mean_gates = ops.mean(gates, axis=-2)

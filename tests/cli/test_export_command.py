@@ -1,0 +1,61 @@
+"""`keras-e3 export PRESET OUT --format ...`."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import BACKEND
+from conftest import ROOT
+
+UNSUPPORTED = {"jax": "litert", "tensorflow": None, "torch": "saved_model"}
+
+
+def run_cli(*args):
+    env = dict(os.environ, KERAS_BACKEND=BACKEND,
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
+                   "PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "keras_e3.cli", *args],
+                          capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.export
+def test_export_writes_a_saved_model_or_names_backend_and_format(tmp_path):
+    out = tmp_path / "served"
+    result = run_cli("export", "e3_tiny_digits", str(out),
+                     "--include-preprocessing")
+    if BACKEND == "torch":
+        assert result.returncode == 1
+        assert ("Cannot export format 'saved_model' from the 'torch' "
+                "backend") in result.stderr
+        assert os.listdir(tmp_path) == []
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"wrote {out}"
+    assert os.listdir(tmp_path) == ["served"]  # no temporary left behind
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(out))
+    images = np.zeros((3, 8, 8, 1), "uint8")
+    images[:, 2:6, 3:5] = 16
+    probs = loaded.serve(tf.constant(images))["ensemble_probabilities"].numpy()
+    assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+def test_export_unsupported_format_is_a_clear_error(tmp_path):
+    fmt = UNSUPPORTED[BACKEND]
+    if fmt is None:  # TensorFlow exports every format: an unknown one
+        result = run_cli("export", "e3_tiny_digits", str(tmp_path / "x"),
+                         "--format", "pb")
+        assert result.returncode == 2
+        assert "invalid choice: 'pb'" in result.stderr
+        return
+    result = run_cli("export", "e3_tiny_digits",
+                     str(tmp_path / "model.tflite"), "--format", fmt)
+    assert result.returncode == 1
+    assert f"Cannot export format '{fmt}' from the '{BACKEND}' backend" in \
+        result.stderr
+    assert os.listdir(tmp_path) == []
