@@ -15,7 +15,7 @@ class PresetMixin:
         """{name: metadata} of the built-in presets (keras-hub's
         `Backbone.presets`): description, kind, image size, evaluation
         pipeline (`preprocessing`), label set, parameters, FLOPs, ..."""
-        from keras_e3 import registry
+        from keras_e3.presets import builtin as registry
 
         return {name: registry.preset_metadata(name)
                 for name in registry.list_presets()}
