@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -86,3 +88,13 @@ def tiny_backbone_kwargs(**overrides):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def run_cli(*args, timeout=300):
+    """`python -m keras_e3.cli ARGS` in a subprocess on this backend."""
+    env = dict(os.environ, KERAS_BACKEND=BACKEND,
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
+                   "PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "keras_e3.cli", *args],
+                          capture_output=True, text=True, env=env,
+                          timeout=timeout)

@@ -113,6 +113,15 @@ def top_experts_per_item(gates, num_selected_experts, batch_priority=False,
     return expert_index, buffer_index
 
 
+def expert_buffers(rows, num_experts, capacity):
+    """Gathered rows [G, E*C, H], expert by expert and slot by slot in each
+    group, as the experts' buffers [E, G*C, H] (group by group)."""
+    hidden = rows.shape[-1]
+    rows = ops.reshape(rows, (-1, num_experts, capacity, hidden))
+    return ops.reshape(ops.transpose(rows, (1, 0, 2, 3)),
+                       (num_experts, -1, hidden))
+
+
 class Dispatcher:
     """What every dispatcher does: `dispatch(x)` tokens [G, S, H] to the
     experts' input, `run_experts(experts, x)` the `ExpertsMlp` on it,
@@ -214,13 +223,10 @@ class GatherDispatcher(Dispatcher):
     def dispatch(self, x):
         dtype = x.dtype
         x = self._lowered(x)
-        hidden = x.shape[-1]
         x = ops.concatenate([x, ops.zeros_like(x[:, :1])], axis=1)
         y = ops.take_along_axis(x, self.source[..., None], axis=1)
-        y = ops.reshape(y, (-1, self.num_experts, self.capacity, hidden))
-        y = ops.reshape(ops.transpose(y, (1, 0, 2, 3)),
-                        (self.num_experts, -1, hidden))
-        return ops.cast(y, dtype)
+        return ops.cast(
+            expert_buffers(y, self.num_experts, self.capacity), dtype)
 
     def combine(self, y):
         dtype = y.dtype

@@ -19,6 +19,7 @@ from keras import ops
 
 from keras_e3.layers.dispatch import Dispatcher
 from keras_e3.layers.dispatch import EinsumDispatcher
+from keras_e3.layers.dispatch import expert_buffers
 from keras_e3.layers.dispatch import resolve_dispatcher
 
 
@@ -126,15 +127,12 @@ class ExpertsChoiceGatherDispatcher(Dispatcher):
     def dispatch(self, x):
         dtype = x.dtype
         x = self._lowered(x)
-        hidden = x.shape[-1]
         index = ops.reshape(self.token_index, (ops.shape(x)[0], -1, 1))
         y = ops.take_along_axis(x, index, axis=1)  # [G, E*C, H]
         y = y * ops.cast(ops.reshape(self.taken, (ops.shape(x)[0], -1, 1)),
                          y.dtype)
-        y = ops.reshape(y, (-1, self.num_experts, self.capacity, hidden))
-        y = ops.reshape(ops.transpose(y, (1, 0, 2, 3)),
-                        (self.num_experts, -1, hidden))
-        return ops.cast(y, dtype)
+        return ops.cast(
+            expert_buffers(y, self.num_experts, self.capacity), dtype)
 
     def combine(self, y):
         dtype = y.dtype

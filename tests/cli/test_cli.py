@@ -1,18 +1,6 @@
-import os
-import subprocess
-import sys
 
 from conftest import BACKEND
-from conftest import ROOT
-
-
-def run_cli(*args):
-    env = dict(os.environ, KERAS_BACKEND=BACKEND,
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
-                   "PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "keras_e3.cli", *args],
-                          capture_output=True, text=True, env=env,
-                          timeout=300)
+from conftest import run_cli
 
 
 def test_demo_evaluates_the_shipped_e3_and_classifies_an_image(tmp_path):

@@ -1,31 +1,25 @@
 """`keras-e3 export PRESET OUT --format ...`."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from conftest import BACKEND
-from conftest import ROOT
+from conftest import run_cli
+
+
+def run_cli_slow(*args):
+    return run_cli(*args, timeout=600)
+
 
 UNSUPPORTED = {"jax": "litert", "tensorflow": None, "torch": "saved_model"}
-
-
-def run_cli(*args):
-    env = dict(os.environ, KERAS_BACKEND=BACKEND,
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
-                   "PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "keras_e3.cli", *args],
-                          capture_output=True, text=True, env=env,
-                          timeout=600)
 
 
 @pytest.mark.export
 def test_export_writes_a_saved_model_or_names_backend_and_format(tmp_path):
     out = tmp_path / "served"
-    result = run_cli("export", "e3_tiny_digits", str(out),
-                     "--include-preprocessing")
+    result = run_cli_slow("export", "e3_tiny_digits", str(out),
+                          "--include-preprocessing")
     if BACKEND == "torch":
         assert result.returncode == 1
         assert ("Cannot export format 'saved_model' from the 'torch' "
@@ -48,13 +42,13 @@ def test_export_writes_a_saved_model_or_names_backend_and_format(tmp_path):
 def test_export_unsupported_format_is_a_clear_error(tmp_path):
     fmt = UNSUPPORTED[BACKEND]
     if fmt is None:  # TensorFlow exports every format: an unknown one
-        result = run_cli("export", "e3_tiny_digits", str(tmp_path / "x"),
-                         "--format", "pb")
+        result = run_cli_slow("export", "e3_tiny_digits",
+                              str(tmp_path / "x"), "--format", "pb")
         assert result.returncode == 2
         assert "invalid choice: 'pb'" in result.stderr
         return
-    result = run_cli("export", "e3_tiny_digits",
-                     str(tmp_path / "model.tflite"), "--format", fmt)
+    result = run_cli_slow("export", "e3_tiny_digits",
+                          str(tmp_path / "model.tflite"), "--format", fmt)
     assert result.returncode == 1
     assert f"Cannot export format '{fmt}' from the '{BACKEND}' backend" in \
         result.stderr
