@@ -66,7 +66,7 @@ def installed(tmp_path_factory):
         borrowed)) + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install",
-         "--no-deps", "--no-index", "-q", str(wheel)],
+         "--no-deps", "--no-index", "--ignore-installed", "-q", str(wheel)],
         check=True, cwd=tmp, capture_output=True, text=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(KERAS_BACKEND=keras.backend.backend(), HF_HUB_OFFLINE="1")

@@ -205,9 +205,10 @@ def test_saved_model_with_preprocessing(models, served, tmp_path):
     ensemble probabilities out."""
     model = models["e3_tiny_digits"]
     shape = raw_image_shape(model.preprocessor_config)
-    assert shape == (8, 8, 1)  # the digits' raw size
+    # The preset's converter has no fixed raw size: the model's own.
+    assert shape == (32, 32, 1)
     rng = np.random.default_rng(2)
-    raw = {f"b{b}": rng.integers(0, 17, size=(b, *shape)).astype("uint8")
+    raw = {f"b{b}": rng.integers(0, 256, size=(b, *shape)).astype("uint8")
            for b in BATCH_SIZES}
     outputs = run_isolated("saved_model", served, raw, tmp_path)
     for key, images in raw.items():
@@ -225,7 +226,12 @@ def test_serve_saved_model_example(models, served, tmp_path):
     from keras_e3.data.digits import load_digits_raw
 
     images, labels = load_digits_raw()
-    images = np.round(images[:3]).astype("uint8")[..., None]  # 0..16
+    # PNGs of the digits (value * 255 / 16) at the served size, so that
+    # the example does not resize them.
+    images = keras.ops.image.resize(images[:3, ..., None] * 255 / 16,
+                                    (32, 32), interpolation="bilinear")
+    images = np.clip(np.round(keras.ops.convert_to_numpy(images)), 0,
+                     255).astype("uint8")
     paths = []
     for i, image in enumerate(images):
         paths.append(str(tmp_path / f"digit{i}.png"))
