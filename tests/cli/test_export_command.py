@@ -32,8 +32,9 @@ def test_export_writes_a_saved_model_or_names_backend_and_format(tmp_path):
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(out))
-    images = np.zeros((3, 8, 8, 1), "uint8")
-    images[:, 2:6, 3:5] = 16
+    # Raw uint8 images at the size the preset's ImageConverter serves.
+    images = np.zeros((3, 32, 32, 1), "uint8")
+    images[:, 8:24, 12:20] = 255
     probs = loaded.serve(tf.constant(images))["ensemble_probabilities"].numpy()
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
