@@ -197,7 +197,8 @@ def check_errors():
 
 def main(fixtures, out):
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(BATCH, 32, 32, 3)).astype("float32")
+    # Model-ready images (vmoe scales pixels to [-1, 1]).
+    images = rng.uniform(-1, 1, size=(BATCH, 32, 32, 3)).astype("float32")
     labels = np.arange(BATCH) % 10
     if BACKEND == "tensorflow":
         # Without router noise: each replica draws its own noise (from the
