@@ -122,6 +122,14 @@ def expert_buffers(rows, num_experts, capacity):
                        (num_experts, -1, hidden))
 
 
+def group_buffers(buffers, num_experts, capacity):
+    """The inverse layout: the experts' outputs [E, G*C, H] as
+    [G, E, C, H]."""
+    hidden = buffers.shape[-1]
+    buffers = ops.reshape(buffers, (num_experts, -1, capacity, hidden))
+    return ops.transpose(buffers, (1, 0, 2, 3))
+
+
 class Dispatcher:
     """What every dispatcher does: `dispatch(x)` tokens [G, S, H] to the
     experts' input, `run_experts(experts, x)` the `ExpertsMlp` on it,
@@ -232,8 +240,7 @@ class GatherDispatcher(Dispatcher):
         dtype = y.dtype
         y = self._lowered(y)
         hidden = y.shape[-1]
-        y = ops.reshape(y, (self.num_experts, -1, self.capacity, hidden))
-        y = ops.reshape(ops.transpose(y, (1, 0, 2, 3)),
+        y = ops.reshape(group_buffers(y, self.num_experts, self.capacity),
                         (-1, self.num_experts * self.capacity, hidden))
         y = ops.concatenate([y, ops.zeros_like(y[:, :1])], axis=1)
         y = ops.cast(y, self.weights.dtype)

@@ -95,19 +95,27 @@ class EncoderBlock(keras.layers.Layer):
         self.attention.build(input_shape, input_shape)
         self.mlp.build(input_shape)
 
-    def call(self, x, training=None, return_routing=False):
+    def call(self, x, training=None, return_routing=False,
+             return_metrics=False):
+        """x [B, T, H] -> [B, T, H]; with `return_routing` or
+        `return_metrics`, (output, the MoE layer's routing or router
+        metrics, `MoeMlp.call`), the second None for a dense block."""
         x = materialize_gradient(x)
         y = self.norm_0(x)
         y = self.attention(y, y, training=training)
         x = x + self.dropout(y, training=training)
         y = self.norm_1(x)
-        if return_routing and self.is_moe:
-            y, routing = self.mlp(y, training=training, return_routing=True)
-            return x + y, routing
-        y = self.mlp(y, training=training)
-        return (x + y, None) if return_routing else x + y
+        if not (return_routing or return_metrics):
+            return x + self.mlp(y, training=training)
+        if not self.is_moe:
+            return x + self.mlp(y, training=training), None
+        y, routing = self.mlp(y, training=training,
+                              return_routing=return_routing,
+                              return_metrics=return_metrics)
+        return x + y, routing
 
-    def compute_output_spec(self, x, training=None, return_routing=False):
+    def compute_output_spec(self, x, training=None, return_routing=False,
+                            return_metrics=False):
         return keras.KerasTensor(x.shape, dtype=self.compute_dtype)
 
     def get_config(self):

@@ -20,6 +20,7 @@ from keras import ops
 from keras_e3.layers.dispatch import Dispatcher
 from keras_e3.layers.dispatch import EinsumDispatcher
 from keras_e3.layers.dispatch import expert_buffers
+from keras_e3.layers.dispatch import group_buffers
 from keras_e3.layers.dispatch import resolve_dispatcher
 
 
@@ -136,10 +137,7 @@ class ExpertsChoiceGatherDispatcher(Dispatcher):
 
     def combine(self, y):
         dtype = y.dtype
-        y = self._lowered(y)
-        hidden = y.shape[-1]
-        e, c = self.num_experts, self.capacity
-        y = ops.transpose(ops.reshape(y, (e, -1, c, hidden)), (1, 0, 2, 3))
+        y = group_buffers(self._lowered(y), self.num_experts, self.capacity)
         y = ops.cast(y, self.weights.dtype) * self.weights[..., None]
         out = scatter_to_tokens(y, self.token_index, self.group_size)
         return ops.cast(out, dtype)
@@ -211,7 +209,6 @@ class ExpertsChoiceRouter(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.latest_metrics = None
 
     def build(self, input_shape):
         self.kernel = self.add_weight(

@@ -319,11 +319,29 @@ class MoeMlp(keras.layers.Layer):
         groups = ops.reshape(flat, (num_groups, size, hidden))
         return groups, valid, num_tokens
 
-    def call(self, x, training=None, return_routing=False):
+    def call(self, x, training=None, return_routing=False,
+             return_metrics=False):
+        """x [B*M, T, H] -> y of the same shape.
+
+        `return_metrics=True`: (y, metrics), the router's statistics of
+        this call (top-K: `importance_loss`, `gshard_loss`,
+        `auxiliary_loss` and, in training, `load_loss`, each [G, M];
+        Experts Choice and Soft MoE: vmoe's metrics of those routers).
+        `return_routing=True` (eager inspection): (y, routing), the metrics
+        plus the gates, dispatch and combine weights and expert outputs.
+        """
         if self.router_type == "experts_choice":
-            return self._call_experts_choice(x, training, return_routing)
-        if self.router_type == "soft":
-            return self._call_soft(x, training, return_routing)
+            path = self._call_experts_choice
+        elif self.router_type == "soft":
+            path = self._call_soft
+        else:
+            path = self._call_top_k
+        y, metrics, routing = path(x, training, return_routing)
+        if return_routing:
+            return y, dict(metrics, **routing)
+        return (y, metrics) if return_metrics else y
+
+    def _call_top_k(self, x, training, return_routing):
         groups, valid, num_tokens = self._to_groups(x)
         gates, metrics = self.router(groups, valid=valid, training=training)
         dispatcher = make_dispatcher(
@@ -335,13 +353,8 @@ class MoeMlp(keras.layers.Layer):
             self.experts, dispatcher.dispatch(groups), training=training)
         y = dispatcher.combine(expert_outputs)
         y = ungroup(y, num_tokens, x.shape[1], self.ensemble_size)
-        if not return_routing:
-            return y
-        routing = dict(metrics, gates=gates, valid=valid,
-                       expert_outputs=expert_outputs,
-                       combine_weights=dispatcher.combine_weights,
-                       dispatch_mask=dispatcher.dispatch_mask)
-        return y, routing
+        return y, metrics, _dispatch_routing(return_routing, gates, valid,
+                                             dispatcher, expert_outputs)
 
     def _call_experts_choice(self, x, training, return_routing):
         groups, valid, num_tokens = self._to_groups(x)
@@ -352,17 +365,12 @@ class MoeMlp(keras.layers.Layer):
         dispatcher, metrics = make_experts_choice_dispatcher(
             gates, self.capacity, valid=valid, implementation=implementation,
             dtype=self.dispatch_dtype)
-        self.router.latest_metrics = metrics
         expert_outputs = dispatcher.run_experts(
             self.experts, dispatcher.dispatch(groups), training=training)
         y = ungroup(dispatcher.combine(expert_outputs), num_tokens, x.shape[1],
                     self.ensemble_size)
-        if not return_routing:
-            return y
-        return y, dict(metrics, gates=gates, valid=valid,
-                       expert_outputs=expert_outputs,
-                       combine_weights=dispatcher.combine_weights,
-                       dispatch_mask=dispatcher.dispatch_mask)
+        return y, metrics, _dispatch_routing(return_routing, gates, valid,
+                                             dispatcher, expert_outputs)
 
     def _call_soft(self, x, training, return_routing):
         groups, valid, num_tokens = self._to_groups(x)
@@ -374,11 +382,14 @@ class MoeMlp(keras.layers.Layer):
                                       training=training)
         y = ungroup(dispatcher.combine(expert_outputs), num_tokens, x.shape[1],
                     self.ensemble_size)
-        if not return_routing:
-            return y
-        metrics = soft_moe_metrics(dispatch, combine, mu)
-        return y, dict(metrics, valid=valid, expert_outputs=expert_outputs,
-                       dispatch_weights=dispatch, combine_weights=combine)
+        # The token-similarity statistics are [G, S, S]: only for inspection.
+        metrics = soft_moe_metrics(dispatch, combine, mu,
+                                   similarity=bool(return_routing))
+        routing = {}
+        if return_routing:
+            routing = dict(valid=valid, expert_outputs=expert_outputs,
+                           dispatch_weights=dispatch, combine_weights=combine)
+        return y, metrics, routing
 
     def expert_tile_size(self, training=None, return_routing=False):
         """Tiles for the gather path's experts (`TiledDispatcher`, used where
@@ -392,9 +403,11 @@ class MoeMlp(keras.layers.Layer):
             return None
         return self.tile_size
 
-    def compute_output_spec(self, x, training=None, return_routing=False):
-        if return_routing:
-            raise ValueError("return_routing=True is for eager inspection.")
+    def compute_output_spec(self, x, training=None, return_routing=False,
+                            return_metrics=False):
+        if return_routing or return_metrics:
+            raise ValueError("return_routing and return_metrics are for "
+                             "calls on tensors, not symbolic inputs.")
         return keras.KerasTensor(x.shape, dtype=self.compute_dtype)
 
     def get_config(self):
@@ -418,3 +431,14 @@ class MoeMlp(keras.layers.Layer):
             config.update(capacity_ceil_or_round=self.capacity_ceil_or_round,
                           capacity_multiple_of=self.capacity_multiple_of)
         return config
+
+
+def _dispatch_routing(return_routing, gates, valid, dispatcher,
+                      expert_outputs):
+    """The routing intermediates of the dispatching routers (top-K and
+    Experts Choice), when asked for."""
+    if not return_routing:
+        return {}
+    return dict(gates=gates, valid=valid, expert_outputs=expert_outputs,
+                combine_weights=dispatcher.combine_weights,
+                dispatch_mask=dispatcher.dispatch_mask)

@@ -90,8 +90,9 @@ class Router(keras.layers.Layer):
     `call(x, valid=None, training=None)` takes x [G, S, H] and returns
     (gates [G, S, E], metrics) where metrics holds `importance_loss`,
     `gshard_loss`, `auxiliary_loss` and, in training, `load_loss`, each
-    [G, M]. The weighted mean auxiliary loss is added with `add_loss`, and
-    the metrics of the latest call are kept in `latest_metrics`.
+    [G, M]. The weighted mean auxiliary loss is added with `add_loss`; the
+    metrics travel up as return values (`MoeMlp(..., return_metrics=True)`,
+    the backbone's `return_router_metrics`), never as layer state.
     """
 
     def __init__(self, num_experts, num_selected_experts=1, ensemble_size=1,
@@ -110,7 +111,6 @@ class Router(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.latest_metrics = None
 
     @property
     def experts_per_member(self):
@@ -167,9 +167,6 @@ class Router(keras.layers.Layer):
         # Every metric is [G, M], like vmoe's vmapped ensemble router.
         metrics["auxiliary_loss"] = aux
         self.add_loss(ops.mean(aux))
-        # Read by E3ViT.compute_loss within the same forward (same trace) to
-        # report the losses as metrics; it clears them after use.
-        self.latest_metrics = metrics
         # Block-diagonal gates: [G, M, S/M, E/M] -> [G, S/M, M, M, E/M]
         # (zero unless the two member axes agree) -> [G, S, E].
         gates = ops.transpose(gates, (0, 2, 1, 3))

@@ -177,7 +177,6 @@ class SoftRouter(keras.layers.Layer):
         self.mu_initializer = keras.initializers.get(mu_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.latest_metrics = None
 
     def build(self, input_shape):
         self.mu = self.add_weight(

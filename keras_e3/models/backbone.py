@@ -205,11 +205,22 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         self.capacity_ceil_or_round = capacity_ceil_or_round
         self.capacity_multiple_of = capacity_multiple_of
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None,
+             return_router_metrics=False):
+        """The outputs dict; with `return_router_metrics=True`, (outputs,
+        {MoE block name: its router's metrics}), the statistics the MoE
+        layers return (`MoeMlp.call(..., return_metrics=True)`): for
+        top-K routers `importance_loss`, `gshard_loss`, `auxiliary_loss`
+        and, in training, `load_loss`, each [groups, M]."""
         # Before Keras' own input standardisation, whose rank errors print
         # the whole tensor.
         self.embedding.check_images(inputs.shape)
-        return super().call(inputs, training=training, mask=mask)
+        if not return_router_metrics:
+            return super().call(inputs, training=training, mask=mask)
+        metrics = {}
+        outputs = _forward(self._layers_by_role, inputs, training=training,
+                           router_metrics=metrics)
+        return outputs, metrics
 
     @property
     def moe_blocks(self):
@@ -272,9 +283,12 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         return cls(**config)
 
 
-def _forward(layers, images, training=None, collect=None):
-    """The backbone's computation, shared by the functional graph and
-    `compute_intermediates` (which passes a `collect` dict)."""
+def _forward(layers, images, training=None, collect=None,
+             router_metrics=None):
+    """The backbone's computation, shared by the functional graph,
+    `compute_intermediates` (which passes a `collect` dict) and calls with
+    `return_router_metrics` (a `router_metrics` dict, filled with each MoE
+    block's router metrics)."""
     record = collect if collect is not None else {}
     if collect is not None:
         x, record["patches"] = layers["embedding"](images, return_patches=True)
@@ -289,6 +303,10 @@ def _forward(layers, images, training=None, collect=None):
             x, routing = block(x, training=training, return_routing=True)
             if routing is not None:
                 record[f"routing/{block.name}"] = routing
+        elif router_metrics is not None:
+            x, metrics = block(x, training=training, return_metrics=True)
+            if metrics is not None:
+                router_metrics[block.name] = metrics
         else:
             x = block(x, training=training)
         record[block.name] = x

@@ -48,15 +48,18 @@ class E3ViT(PresetMixin, keras.Model):
             num_classes, kernel_initializer=head_kernel_initializer,
             bias_initializer=keras.initializers.Constant(head_bias_init),
             dtype=dtype or backbone.embedding.dtype_policy, name="head")
+        m = backbone.ensemble_size
+        member_split = (EnsembleSplit(m, name="member_logits") if m > 1
+                        else None)
         inputs = backbone.input
         logits = head(backbone(inputs)["pooled_output"])
-        m = backbone.ensemble_size
-        if m > 1:
-            logits = EnsembleSplit(m, name="member_logits")(logits)
+        if member_split is not None:
+            logits = member_split(logits)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         self.input_spec = None  # the backbone's embedding checks images
         self.backbone = backbone
         self.head = head
+        self.member_split = member_split
         self.num_classes = num_classes
         self.head_bias_init = head_bias_init
         self.head_kernel_initializer = head_kernel_initializer
@@ -139,7 +142,23 @@ class E3ViT(PresetMixin, keras.Model):
 
     def call(self, inputs, training=None, mask=None):
         self.backbone.embedding.check_images(inputs.shape)
-        return super().call(inputs, training=training, mask=mask)
+        features, router_metrics = self.backbone(
+            inputs, training=training, return_router_metrics=True)
+        logits = self.head(features["pooled_output"])
+        if self.member_split is not None:
+            logits = self.member_split(logits)
+        # The router statistics this forward pass returned, for the loss
+        # computation of the same train or test step (`compute_loss`, which
+        # Keras' trainers call right after it, in the same trace). Kept out
+        # of Keras' attribute tracking: they are tensors of one step.
+        self.__dict__["_step_router_metrics"] = router_metrics
+        return logits
+
+    def predict_step(self, *args):
+        try:  # (data), or (state, data) on JAX
+            return super().predict_step(*args)
+        finally:  # predict computes no loss: nothing of its trace is kept
+            self.__dict__.pop("_step_router_metrics", None)
 
     @property
     def ensemble_size(self):
@@ -182,16 +201,16 @@ class E3ViT(PresetMixin, keras.Model):
         return total
 
     def _router_losses(self):
-        """Unweighted importance / load losses of the current forward pass,
-        each averaged over groups and members and summed over MoE blocks
-        (vmoe's per-block metrics, totalled). The load loss exists only in
+        """Unweighted importance / load losses of the step's forward pass
+        (the router metrics `call` got back from the backbone), each
+        averaged over groups and members and summed over MoE blocks (vmoe's
+        per-block metrics, totalled). The load loss exists only in
         training."""
+        step_metrics = self.__dict__.pop("_step_router_metrics", None) or {}
         sums = {}
-        for block in self.backbone.moe_blocks:
-            router = block.mlp.router
-            metrics, router.latest_metrics = router.latest_metrics, None
+        for metrics in step_metrics.values():
             for name in self.router_loss_trackers:
-                if metrics is not None and name in metrics:
+                if name in metrics:
                     value = ops.mean(ops.cast(metrics[name], "float32"))
                     sums[name] = sums.get(name, 0.0) + value
         return sums

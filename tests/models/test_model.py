@@ -170,3 +170,26 @@ def test_loss_matches_official_train_step_main_loss():
         aux = sum(float(to_numpy(v)) for v in model.losses)
         np.testing.assert_allclose(aux, fx["train_step"]["auxiliary_loss"],
                                    atol=1e-7)
+
+
+def test_backbone_returns_router_metrics(rng):
+    """The routers' statistics come back from the call (no layer state):
+    per MoE block, [groups, M] values equal to compute_intermediates'."""
+    model = tiny_model()
+    backbone = model.backbone
+    x = rng.normal(size=(3, 16, 16, 3)).astype("float32")
+    outputs, metrics = backbone(x, return_router_metrics=True)
+    assert sorted(metrics) == sorted(b.name for b in backbone.moe_blocks)
+    np.testing.assert_allclose(to_numpy(outputs["pooled_output"]),
+                               to_numpy(backbone(x)["pooled_output"]),
+                               rtol=1e-6, atol=1e-6)
+    inter = backbone.compute_intermediates(x)
+    for name, block_metrics in metrics.items():
+        assert "load_loss" not in block_metrics  # inference: no noise
+        np.testing.assert_allclose(
+            to_numpy(block_metrics["importance_loss"]),
+            to_numpy(inter[f"routing/{name}"]["importance_loss"]), rtol=1e-6)
+    _, trained = backbone(x, training=True, return_router_metrics=True)
+    assert all("load_loss" in m for m in trained.values())
+    for layer in backbone._flatten_layers():
+        assert "latest_metrics" not in vars(layer), layer.name
