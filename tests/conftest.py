@@ -76,6 +76,44 @@ def official_logits(model, images):
     return logits.reshape(-1, logits.shape[-1])
 
 
+_FIXTURE_MODELS = {}
+
+
+def fixture_model(name):
+    """(E3ViT.from_vmoe of golden fixture `name`, the fixture), built once
+    per test session."""
+    if name not in _FIXTURE_MODELS:
+        import keras_e3
+
+        fx = load_fixture(name)
+        _FIXTURE_MODELS[name] = (
+            keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"]), fx)
+    return _FIXTURE_MODELS[name]
+
+
+def official_moe_calls(name):
+    """Each MoE layer of fixture `name`'s model called on its official
+    input: yields (block name, its vmoe prefix "Encoder/<block>/Moe", the
+    output, the routing (`return_routing=True`), the official
+    intermediates)."""
+    model, fx = fixture_model(name)
+    ref = fx["intermediates"]
+    for i in fx["config"]["encoder"]["moe"]["layers"]:
+        block = f"encoderblock_{i}"
+        moe = model.backbone.get_layer(block).mlp
+        y, routing = moe(ref[f"Encoder/{block}/LayerNorm_1/__call__/0"],
+                         return_routing=True)
+        yield block, f"Encoder/{block}/Moe", y, routing, ref
+
+
+def assert_close(actual, expected, atol=1e-5, what=""):
+    """Same shape and max abs error <= atol (fp32 equivalence: 1e-5)."""
+    actual = to_numpy(actual)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    err = float(np.max(np.abs(actual - expected)))
+    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.1g}"
+
+
 def tiny_backbone_kwargs(**overrides):
     kwargs = dict(image_size=16, patch_size=8, hidden_dim=16, num_layers=2,
                   num_heads=2, mlp_dim=32, representation_size=16,

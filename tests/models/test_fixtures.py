@@ -5,8 +5,11 @@ import pytest
 
 import keras_e3
 from conftest import FIXTURE_NAMES
+from conftest import assert_close
+from conftest import fixture_model
 from conftest import load_fixture
 from conftest import official_logits
+from conftest import official_moe_calls
 from conftest import to_numpy
 
 ATOL = 1e-5  # fp32, logits of magnitude <= 0.57
@@ -16,39 +19,26 @@ EEE_FIXTURES = [n for n in FIXTURE_NAMES if n.startswith("eee")]
 _cache = {}
 
 
-def model_and_fixture(name):
-    if name not in _cache:
-        fx = load_fixture(name)
-        _cache[name] = (keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"]),
-                        fx)
-    return _cache[name]
-
 
 def intermediates(name):
-    model, fx = model_and_fixture(name)
+    model, fx = fixture_model(name)
     key = ("intermediates", name)
     if key not in _cache:
         _cache[key] = model.compute_intermediates(fx["inputs"])
     return _cache[key], fx
 
 
-def assert_close(actual, expected, atol=ATOL, what=""):
-    actual = to_numpy(actual)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    err = float(np.max(np.abs(actual - expected)))
-    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.1g}"
-
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_logits(name):
-    model, fx = model_and_fixture(name)
+    model, fx = fixture_model(name)
     assert_close(official_logits(model, fx["inputs"]), fx["logits"],
                  what="logits")
 
 
 @pytest.mark.parametrize("name", EEE_FIXTURES)
 def test_member_logits_layout_and_ensemble_prediction(name):
-    model, fx = model_and_fixture(name)
+    model, fx = fixture_model(name)
     m = model.ensemble_size
     members = to_numpy(model(fx["inputs"]))
     assert members.shape == (4, m, 10)
@@ -129,14 +119,7 @@ def test_moe_layer_on_official_inputs(name):
     ~1e-7 differences accumulated upstream flip a few bfloat16 roundings of
     the dispatched tokens, moving expert outputs by up to ~4e-5 end to end.
     """
-    model, fx = model_and_fixture(name)
-    ref = fx["intermediates"]
-    for i in fx["config"]["encoder"]["moe"]["layers"]:
-        block = f"encoderblock_{i}"
-        prefix = f"Encoder/{block}/Moe"
-        moe = model.backbone.get_layer(block).mlp
-        y, routing = moe(ref[f"Encoder/{block}/LayerNorm_1/__call__/0"],
-                         return_routing=True)
+    for block, prefix, y, routing, ref in official_moe_calls(name):
         # The E³ layer's [B*M, T, H] output is its 5th captured leaf (the
         # first four are the inner [G, S, H] call's).
         out_key = f"{prefix}/__call__/4"
@@ -182,7 +165,7 @@ def test_auxiliary_losses(name):
 
 @pytest.mark.parametrize("name", MOE_FIXTURES)
 def test_added_loss_is_mean_auxiliary_loss(name):
-    model, fx = model_and_fixture(name)
+    model, fx = fixture_model(name)
     model(fx["inputs"], training=False)
     added = sum(float(to_numpy(v)) for v in model.losses)
     assert abs(added - float(np.mean(fx["metrics"]["auxiliary_loss"]))) < 1e-6
@@ -192,7 +175,7 @@ def test_bf16_dispatch_differs_from_fp32():
     """The bf16 fixture is matched by the bf16 path, not by accident."""
     fx16 = load_fixture("eee_tiny_nodrop_bf16dispatch")
     fx32 = load_fixture("eee_tiny_nodrop")
-    model, _ = model_and_fixture("eee_tiny_nodrop_bf16dispatch")
+    model, _ = fixture_model("eee_tiny_nodrop_bf16dispatch")
     assert model.backbone.dispatch_dtype == "bfloat16"
     assert np.abs(fx16["logits"] - fx32["logits"]).max() > 1e-5
     assert_close(official_logits(model, fx16["inputs"]), fx16["logits"],

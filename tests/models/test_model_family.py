@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 import keras_e3
+from conftest import assert_close
+from conftest import fixture_model
 from conftest import load_fixture
 from conftest import official_logits
+from conftest import official_moe_calls
 from conftest import tiny_backbone_kwargs
 from conftest import to_numpy
 from keras_e3.conversion.vmoe import VmoeConversionError
@@ -14,26 +17,23 @@ from keras_e3.conversion.vmoe import backbone_kwargs_from_vmoe
 from keras_e3.conversion.vmoe import vmoe_variable_map
 
 ATOL = 1e-5
-_cache = {}
 
 
-def model_and_fixture(name):
-    if name not in _cache:
-        fx = load_fixture(name)
-        _cache[name] = (keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"]),
-                        fx)
-    return _cache[name]
 
-
-def assert_close(actual, expected, atol=ATOL, what=""):
-    actual = to_numpy(actual)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    err = float(np.max(np.abs(actual - expected)))
-    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.1g}"
+def built_and_round_tripped(kwargs, images):
+    """A backbone of `kwargs` and its pooled output on `images`, checked
+    equal (1e-6) to that of its config's clone with the same weights."""
+    backbone = keras_e3.E3ViTBackbone(**kwargs)
+    out = to_numpy(backbone(images)["pooled_output"])
+    clone = keras_e3.E3ViTBackbone.from_config(backbone.get_config())
+    clone.set_weights(backbone.get_weights())
+    np.testing.assert_allclose(to_numpy(clone(images)["pooled_output"]), out,
+                               atol=1e-6)
+    return backbone, out
 
 
 def test_map_sincos_qknorm_logits():
-    model, fx = model_and_fixture("vit_tiny_map_sincos")
+    model, fx = fixture_model("vit_tiny_map_sincos")
     backbone = model.backbone
     assert backbone.classifier == "map"
     assert backbone.position_embedding == "sincos2d"
@@ -43,7 +43,7 @@ def test_map_sincos_qknorm_logits():
 
 
 def test_map_sincos_qknorm_intermediates():
-    model, fx = model_and_fixture("vit_tiny_map_sincos")
+    model, fx = fixture_model("vit_tiny_map_sincos")
     ref = fx["intermediates"]
     got = model.backbone.compute_intermediates(fx["inputs"])
     for i in range(fx["config"]["encoder"]["num_layers"]):
@@ -60,7 +60,7 @@ def test_map_sincos_qknorm_intermediates():
 def test_qk_norm_on_official_inputs():
     """The normalised queries and keys of one block, fed the official
     LayerNorm output."""
-    model, fx = model_and_fixture("vit_tiny_map_sincos")
+    model, fx = fixture_model("vit_tiny_map_sincos")
     ref = fx["intermediates"]
     attention = model.backbone.get_layer("encoderblock_1").attention
     x = ref["Encoder/encoderblock_1/LayerNorm_0/__call__/0"]
@@ -73,7 +73,7 @@ def test_qk_norm_on_official_inputs():
 
 
 def test_conversion_names_every_official_parameter():
-    model, fx = model_and_fixture("vit_tiny_map_sincos")
+    model, fx = fixture_model("vit_tiny_map_sincos")
     with np.load(fx["params"]) as params:
         names = set(params.files)
     assert set(vmoe_variable_map(model)) == names
@@ -103,13 +103,8 @@ def test_family_config_round_trip(classifier, position_embedding, rng):
                                   position_embedding=position_embedding,
                                   attention_qk_norm=True, ensemble_size=1,
                                   num_experts=2, group_size=8)
-    backbone = keras_e3.E3ViTBackbone(**kwargs)
     images = rng.normal(size=(2, 16, 16, 3)).astype("float32")
-    out = to_numpy(backbone(images)["pooled_output"])
-    clone = keras_e3.E3ViTBackbone.from_config(backbone.get_config())
-    clone.set_weights(backbone.get_weights())
-    np.testing.assert_allclose(to_numpy(clone(images)["pooled_output"]), out,
-                               atol=1e-6)
+    backbone, out = built_and_round_tripped(kwargs, images)
     has_pos = any("position_embedding" in w.path for w in backbone.weights)
     assert has_pos == (position_embedding == "learned")
 
@@ -154,7 +149,7 @@ ROUTER_FIXTURES = ["experts_choice_tiny", "soft_moe_tiny"]
 
 @pytest.mark.parametrize("name", ROUTER_FIXTURES)
 def test_router_fixture_logits(name):
-    model, fx = model_and_fixture(name)
+    model, fx = fixture_model(name)
     expected = {"experts_choice_tiny": "experts_choice",
                 "soft_moe_tiny": "soft"}[name]
     assert model.backbone.router == expected
@@ -162,43 +157,47 @@ def test_router_fixture_logits(name):
                  what="logits")
 
 
-def test_experts_choice_layer_on_official_inputs():
-    """Each Experts Choice layer fed the official input: output, dispatch
-    mask (exact), combine weights and gates (1e-6), expert buffers and
-    every router metric."""
-    model, fx = model_and_fixture("experts_choice_tiny")
-    ref, metrics = fx["intermediates"], fx["metrics"]
-    for i in fx["config"]["encoder"]["moe"]["layers"]:
-        block = f"encoderblock_{i}"
-        prefix = f"Encoder/{block}/Moe"
-        moe = model.backbone.get_layer(block).mlp
-        y, routing = moe(ref[f"Encoder/{block}/LayerNorm_1/__call__/0"],
-                         return_routing=True)
+def check_moe_layers(name, check_routing):
+    """Each MoE layer of fixture `name` fed the official input: its output,
+    expert outputs and every router metric (1e-6), and `check_routing`
+    (routing, official intermediates, the layer's vmoe prefix) for the
+    router's own weights."""
+    metrics = fixture_model(name)[1]["metrics"]
+    for block, prefix, y, routing, ref in official_moe_calls(name):
         assert_close(y, ref[f"{prefix}/__call__/0"], what=f"{block} output")
+        assert_close(routing["expert_outputs"],
+                     ref[f"{prefix}/Mlp/__call__/0"], what=f"{block} experts")
+        check_routing(routing, ref, prefix)
+        for key, expected in metrics.items():
+            if key.startswith(block + "/"):
+                actual = to_numpy(routing[key[len(block) + 1:]])
+                if expected.ndim == 0:  # e.g. auxiliary_loss, 0 in vmoe
+                    actual = actual.mean()
+                assert_close(actual.astype("float32"),
+                             expected.astype("float32"), atol=1e-6, what=key)
+
+
+def test_experts_choice_layer_on_official_inputs():
+    """Experts Choice: dispatch mask (exact), combine weights and gates
+    (1e-6), besides `check_moe_layers`' checks."""
+    def check_routing(routing, ref, prefix):
         np.testing.assert_array_equal(
             to_numpy(routing["dispatch_mask"]),
             ref[f"{prefix}/Router/__call__/1"].astype(bool))
         assert_close(routing["combine_weights"],
                      ref[f"{prefix}/Router/__call__/0"], atol=1e-6,
-                     what=f"{block} combine weights")
+                     what=f"{prefix} combine weights")
         assert_close(routing["gates"], ref[f"{prefix}/Router/gates"],
-                     atol=1e-6, what=f"{block} gates")
-        assert_close(routing["expert_outputs"],
-                     ref[f"{prefix}/Mlp/__call__/0"], what=f"{block} experts")
-        for key, expected in metrics.items():
-            if key.startswith(block + "/"):
-                actual = to_numpy(routing[key[len(block) + 1:]])
-                if expected.ndim == 0:  # auxiliary_loss: 0 for all groups
-                    actual = actual.mean()
-                assert_close(actual.astype("float32"),
-                             expected.astype("float32"), atol=1e-6, what=key)
+                     atol=1e-6, what=f"{prefix} gates")
+
+    check_moe_layers("experts_choice_tiny", check_routing)
 
 
 @pytest.mark.parametrize("dispatcher", ["einsum", "gather"])
 def test_experts_choice_paths_agree(dispatcher):
     """The gather path (no [G, S, E, C] tensor) and the einsum reference
     give the official outputs, with padding in the last group."""
-    model, fx = model_and_fixture("experts_choice_tiny")
+    model, fx = fixture_model("experts_choice_tiny")
     block = "encoderblock_1"
     moe = model.backbone.get_layer(block).mlp
     x = fx["intermediates"][f"Encoder/{block}/LayerNorm_1/__call__/0"]
@@ -216,33 +215,23 @@ def test_experts_choice_paths_agree(dispatcher):
 
 
 def test_soft_moe_layer_on_official_inputs():
-    model, fx = model_and_fixture("soft_moe_tiny")
-    ref, metrics = fx["intermediates"], fx["metrics"]
-    for i in fx["config"]["encoder"]["moe"]["layers"]:
-        block = f"encoderblock_{i}"
-        prefix = f"Encoder/{block}/Moe"
-        moe = model.backbone.get_layer(block).mlp
-        y, routing = moe(ref[f"Encoder/{block}/LayerNorm_1/__call__/0"],
-                         return_routing=True)
-        assert_close(y, ref[f"{prefix}/__call__/0"], what=f"{block} output")
+    """Soft MoE: combine and dispatch weights (1e-6), besides
+    `check_moe_layers`' checks."""
+    def check_routing(routing, ref, prefix):
         assert_close(routing["combine_weights"],
                      ref[f"{prefix}/Router/__call__/0"], atol=1e-6,
-                     what=f"{block} combine weights")
+                     what=f"{prefix} combine weights")
         assert_close(routing["dispatch_weights"],
                      ref[f"{prefix}/Router/__call__/1"], atol=1e-6,
-                     what=f"{block} dispatch weights")
-        assert_close(routing["expert_outputs"],
-                     ref[f"{prefix}/Mlp/__call__/0"], what=f"{block} experts")
-        for key, expected in metrics.items():
-            if key.startswith(block + "/"):
-                assert_close(routing[key[len(block) + 1:]], expected,
-                             atol=1e-6, what=key)
+                     what=f"{prefix} dispatch weights")
+
+    check_moe_layers("soft_moe_tiny", check_routing)
 
 
 def test_soft_moe_float32_dispatch_is_not_vmoe():
     """vmoe runs Soft MoE's dispatch/combine in bfloat16; float32 differs
     by more than 1e-5 (and stays close)."""
-    model, fx = model_and_fixture("soft_moe_tiny")
+    model, fx = fixture_model("soft_moe_tiny")
     ref = fx["intermediates"]
     block = "encoderblock_3"
     moe = model.backbone.get_layer(block).mlp
@@ -339,13 +328,8 @@ def test_router_config_round_trip_and_fit(router, extra, rng):
                                   capacity_factor=None, group_size=10,
                                   classifier="gap",
                                   **extra)
-    backbone = keras_e3.E3ViTBackbone(**kwargs)
     images = rng.normal(size=(3, 16, 16, 3)).astype("float32")
-    out = to_numpy(backbone(images)["pooled_output"])
-    clone = keras_e3.E3ViTBackbone.from_config(backbone.get_config())
-    clone.set_weights(backbone.get_weights())
-    np.testing.assert_allclose(to_numpy(clone(images)["pooled_output"]), out,
-                               atol=1e-6)
+    backbone, out = built_and_round_tripped(kwargs, images)
     # Noise only in training.
     train = to_numpy(backbone(images, training=True)["pooled_output"])
     assert np.abs(train - out).max() > 1e-6
@@ -361,7 +345,7 @@ def test_router_config_round_trip_and_fit(router, extra, rng):
 def test_flops_counter_params_match_the_model(name):
     """The analytic counter knows the MAP head, qk-norm, sincos2d and both
     routers: its parameter count is the model's."""
-    model, _ = model_and_fixture(name)
+    model, _ = fixture_model(name)
     counts = keras_e3.count_flops(model) if hasattr(
         keras_e3, "count_flops") else None
     if counts is None:
