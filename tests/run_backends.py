@@ -1,6 +1,6 @@
 """Runs the test suite once per Keras backend, each in its own process.
 
-    python tests/run_backends.py [BACKEND ...] [-- PYTEST ARGS]
+    python tests/run_backends.py [--jobs N] [BACKEND ...] [-- PYTEST ARGS]
 
 Default: jax, tensorflow and torch. Prints each backend's pytest summary and
 a final "N passed, N failed, N skipped" line; exits non-zero if any backend
@@ -8,12 +8,20 @@ fails, runs no test, or skips a test because a golden fixture is missing
 (an empty or incomplete KERAS_E3_FIXTURES folder). Tests marked
 `single_backend` (independent of the Keras backend) run on the first
 backend only.
+
+`--jobs N`: backends run at once (default: 2 where the machine has 2 or
+more cores, else 1). The suite is mostly single-threaded compilation and
+small ops, so two backends side by side on 2 cores take about the time of
+the longest instead of the sum. Their reports are printed whole, one
+backend after the other, as they finish.
 """
 
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +55,78 @@ def missing_fixture_skips(stdout):
             if line.startswith("SKIPPED") and MISSING_FIXTURE.search(line)]
 
 
+def _start(i, backend, extra):
+    """Starts pytest on `backend` (the i-th); returns the job."""
+    # Backend-independent tests (pure NumPy, file formats) run once.
+    restricted = not (i == 0 or "-m" in extra)
+    select = ["-m", "not single_backend"] if restricted else []
+    env = dict(os.environ, KERAS_BACKEND=backend,
+               PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p",
+         "no:cacheprovider", "-o", "console_output_style=classic",
+         *select, *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    # Drained by threads: a full pipe must not block a running backend.
+    out = {}
+    threads = [_drain(proc.stdout, out, "stdout"),
+               _drain(proc.stderr, out, "stderr")]
+    return backend, restricted, proc, out, threads, time.monotonic()
+
+
+def _drain(stream, out, key):
+    def read():
+        out[key] = stream.read()
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def _report(job, fixtures):
+    """Prints a finished backend's report; returns (counts, problem)."""
+    backend, restricted, proc, out, threads, start = job
+    for thread in threads:
+        thread.join()
+    stdout, stderr = out.get("stdout", ""), out.get("stderr", "")
+    print(f"=== KERAS_BACKEND={backend} "
+          f"({time.monotonic() - start:.0f} s)", flush=True)
+    counts = parse_summary(stdout)
+    ran = counts and counts["passed"] + counts["failed"] + counts["error"]
+    # Later backends may legitimately deselect everything that a
+    # selection of single_backend tests leaves.
+    only_single_backend = (restricted and counts is not None
+                           and not ran and counts["deselected"] > 0
+                           and counts["skipped"] == 0)
+    missing = missing_fixture_skips(stdout)
+    problem = None
+    if counts is None:
+        problem = f"{backend}: no pytest summary (exit {proc.returncode})"
+    elif only_single_backend:
+        pass
+    elif not ran:
+        problem = f"{backend}: ran no test"
+    elif proc.returncode != 0:
+        problem = f"{backend}: pytest exited {proc.returncode}"
+    if missing:
+        problem = (f"{backend}: {len(missing)} skip line(s) for missing "
+                   f"golden fixtures (KERAS_E3_FIXTURES={fixtures}):\n  "
+                   + "\n  ".join(missing[:10]))
+    if problem or (proc.returncode not in (0, 5)):
+        print(stdout[-20000:])
+        print(stderr[-5000:], file=sys.stderr)
+    summary = ", ".join(f"{v} {k}" for k, v in (counts or {}).items()
+                        if v) or "no summary"
+    print(f"{backend}: {summary}", flush=True)
+    return counts, problem
+
+
 def main(argv):
+    jobs = 2 if (os.cpu_count() or 1) >= 2 else 1
+    if argv[:1] == ["--jobs"]:
+        jobs, argv = max(1, int(argv[1])), argv[2:]
     if "--" in argv:
         split = argv.index("--")
         backends, extra = argv[:split], argv[split + 1:]
@@ -62,50 +141,20 @@ def main(argv):
         return 1
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     problems = []
-    for i, backend in enumerate(backends):
-        print(f"=== KERAS_BACKEND={backend}", flush=True)
-        # Backend-independent tests (pure NumPy, file formats) run once.
-        restricted = not (i == 0 or "-m" in extra)
-        select = ["-m", "not single_backend"] if restricted else []
-        env = dict(os.environ, KERAS_BACKEND=backend,
-                   PYTHONPATH=os.pathsep.join(
-                       filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-rs", "-p",
-             "no:cacheprovider", "-o", "console_output_style=classic",
-             *select, *extra],
-            cwd=ROOT, env=env, capture_output=True, text=True)
-        counts = parse_summary(proc.stdout)
-        ran = counts and counts["passed"] + counts["failed"] + counts["error"]
-        # Later backends may legitimately deselect everything that a
-        # selection of single_backend tests leaves.
-        only_single_backend = (restricted and counts is not None
-                               and not ran and counts["deselected"] > 0
-                               and counts["skipped"] == 0)
-        missing = missing_fixture_skips(proc.stdout)
-        problem = None
-        if counts is None:
-            problem = f"{backend}: no pytest summary (exit {proc.returncode})"
-        elif only_single_backend:
-            pass
-        elif not ran:
-            problem = f"{backend}: ran no test"
-        elif proc.returncode != 0:
-            problem = f"{backend}: pytest exited {proc.returncode}"
-        if missing:
-            problem = (f"{backend}: {len(missing)} skip line(s) for missing "
-                       f"golden fixtures (KERAS_E3_FIXTURES={fixtures}):\n  "
-                       + "\n  ".join(missing[:10]))
-        if problem or (proc.returncode not in (0, 5)):
-            print(proc.stdout[-20000:])
-            print(proc.stderr[-5000:], file=sys.stderr)
-        if problem:
-            problems.append(problem)
-        summary = ", ".join(f"{v} {k}" for k, v in (counts or {}).items()
-                            if v) or "no summary"
-        print(f"{backend}: {summary}", flush=True)
-        for key in totals:
-            totals[key] += (counts or {}).get(key, 0)
+    pending = list(enumerate(backends))
+    running = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            i, backend = pending.pop(0)
+            running.append(_start(i, backend, extra))
+        time.sleep(0.5)
+        for job in [j for j in running if j[2].poll() is not None]:
+            running.remove(job)
+            counts, problem = _report(job, fixtures)
+            if problem:
+                problems.append(problem)
+            for key in totals:
+                totals[key] += (counts or {}).get(key, 0)
     failed = totals["failed"] + totals["error"]
     print(f"{totals['passed']} passed, {failed} failed, "
           f"{totals['skipped']} skipped")

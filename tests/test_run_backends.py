@@ -43,10 +43,11 @@ def target(tmp_path):
     return path
 
 
-def run(fixtures, *pytest_args):
+def run(fixtures, *pytest_args, backends=("numpy",), jobs=1):
     env = dict(os.environ, KERAS_E3_FIXTURES=str(fixtures))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "numpy", "--", *map(str, pytest_args)],
+        [sys.executable, str(SCRIPT), "--jobs", str(jobs), *backends, "--",
+         *map(str, pytest_args)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -55,6 +56,18 @@ def test_passes_when_tests_run(tmp_path, target):
     code, out = run(tmp_path, target, "-k", "plain")
     assert code == 0, out
     assert "1 passed" in out
+
+
+def test_backends_side_by_side_add_up(tmp_path, target):
+    """Two jobs at once: every backend reported, the totals summed, and a
+    failure in either one fails the run."""
+    code, out = run(FIXTURES, target, "-k", "plain",
+                    backends=("numpy", "numpy", "numpy"), jobs=2)
+    assert code == 0, out
+    assert out.count("=== KERAS_BACKEND=numpy") == 3
+    assert "3 passed, 0 failed, 0 skipped" in out
+    code, out = run(tmp_path, target, backends=("numpy", "numpy"), jobs=2)
+    assert code != 0 and "missing golden fixtures" in out, out
 
 
 def test_fails_when_a_fixture_is_missing(tmp_path, target):
