@@ -53,8 +53,11 @@ DISTRIBUTIONS = {"expert_parallel_2x4": 4, "expert_parallel_1x8": 8,
                  "data_parallel_8": 1}
 
 
+CONFIGS = ["e3", "vmoe", "experts_choice", "soft"]
+
+
 @pytest.mark.single_backend
-@pytest.mark.parametrize("config", ["e3", "vmoe"])
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
 def test_distributed_matches_single_device(jax_report, config, name):
     assert jax_report["devices"] == 8
@@ -65,10 +68,11 @@ def test_distributed_matches_single_device(jax_report, config, name):
 
 
 @pytest.mark.single_backend
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
-def test_expert_weights_are_sharded(jax_report, name):
+def test_expert_weights_are_sharded(jax_report, config, name):
     expert_devices = DISTRIBUTIONS[name]
-    shards = jax_report["e3"][name]["expert_shards"]
+    shards = jax_report[config][name]["expert_shards"]
     # 2 MoE layers x (kernel_0, bias_0, kernel_1, bias_1), 8 experts each.
     assert len(shards) == 8
     for path, (spec, local_shape) in shards.items():
