@@ -187,8 +187,9 @@ def _display_image(image, value_range):
 MAP_TITLES = {
     "top_k": ("Expert routing per patch (highest-gate expert the token is "
               "dispatched to)", "dropped (×)"),
-    "experts_choice": ("Experts Choice per patch (highest-gate expert among "
-                       "those that took the token)", "taken by no expert (×)"),
+    "experts_choice": ("Experts Choice per patch (highest-gate expert "
+                       "among those that took the token)",
+                       "taken by no expert (×)"),
     "soft": ("Soft MoE per patch (expert whose slots give the token the "
              "largest combine weight)", None),
 }
