@@ -13,16 +13,16 @@ Soft MoE project compares it: capacity factor 1.0, Python's round, no
 multiple: C = 50 tokens per expert in a group of 8 images; Soft MoE as
 vmoe's configs: one image a routing group, round(50 / 8) = 6 slots per
 expert, one path: batched matmuls, dispatch and combine in bfloat16), at
-batch 32 and 128, with routing groups of 8 images (the paper's configs) and of the whole batch: per
-dispatch path, the median time of repeated compiled calls (warm-up
-excluded; the paths of one model and group setting timed interleaved)
-of inference and of a training step (SGD), the model's useful
-FLOPs per image (keras_e3.flops, routed tokens; also counted over every
-capacity slot), the useful GFLOP/s as a fraction of a
+batch 32 and 128, with routing groups of 8 images (the paper's configs)
+and of the whole batch: per dispatch path, the median time of repeated
+compiled calls (warm-up excluded; the paths of one model and group
+setting timed interleaved) of inference and of a training step (SGD),
+the model's useful FLOPs per image (keras_e3.flops, routed tokens; also
+counted over every capacity slot), the useful GFLOP/s as a fraction of a
 compiled fp32 matmul peak measured in the same run (at its start and at
-its end; the higher of the two) and, on JAX, the
-compiled memory of both calls (`memory_analysis()`: temp, argument,
-output bytes; peak = their sum less donated buffers).
+its end; the higher of the two) and, on JAX, the compiled memory of both
+calls (`memory_analysis()`: temp, argument, output bytes; peak = their
+sum less donated buffers).
 
 Routing: by default the routers are balanced on the benchmark images
 (`--routing balanced`, see `_routing.py`), so that the experts' loads are
