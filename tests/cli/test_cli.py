@@ -40,7 +40,8 @@ def test_demo_missing_image_is_a_clear_error():
 
 def test_evaluate_command_reports_soft_moe_routing(tmp_path):
     """`keras-e3 evaluate` on a tiny Soft MoE preset: each expert's mean
-    combine weight in the report and the summary, and the routing plots."""
+    combine weight in the report and the summary (the plots are checked
+    in process, tests/evaluation/test_evaluate.py)."""
     import json
 
     import keras_e3
@@ -57,7 +58,7 @@ def test_evaluate_command_reports_soft_moe_routing(tmp_path):
     out = tmp_path / "out"
     result = run_cli("evaluate", "--preset", str(preset), "--data", "digits",
                      "--out", str(out), "--max-examples", "8",
-                     "--batch-size", "8")
+                     "--batch-size", "8", "--no-plots")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     layer = report["routing"]["encoderblock_1"]
@@ -65,5 +66,4 @@ def test_evaluate_command_reports_soft_moe_routing(tmp_path):
     assert abs(sum(layer["expert_load"]) - 1.0) < 1e-6
     assert 0.25 <= layer["mean_top_expert_weight"] <= 1.0
     assert "encoderblock_1: expert weight [" in result.stdout
-    assert (out / "routing_maps.png").stat().st_size > 5000
-    assert (out / "expert_load.png").stat().st_size > 5000
+    assert "top expert weight" in result.stdout
