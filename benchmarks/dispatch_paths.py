@@ -7,17 +7,22 @@ For the paper's S/32 shapes (224px, width 512, 8 layers, 8 heads, MLP
 2048, 8 experts in the last 2 odd blocks; V-MoE K=2 cf 1.05, E³ M=2 K=1
 cf 1.5), a dense ViT and a deep ensemble of two V-MoE S/32
 (`de2_vmoe_s32`: independently initialised, prediction log mean softmax,
-both members in one compiled call), at batch 32 and 128, with routing
-groups of 8 images (the paper's configs) and of the whole batch: per
-dispatch path, the median time of repeated compiled calls (warm-up
-excluded; the paths of one model and group setting timed interleaved)
-of inference and of a training step (SGD), the model's useful
-FLOPs per image (keras_e3.flops, routed tokens; also counted over every
-capacity slot), the useful GFLOP/s as a fraction of a
+both members in one compiled call), an Experts Choice and a Soft MoE
+S/32 (the same 8 experts in blocks 5 and 7; Experts Choice as vmoe's
+Soft MoE project compares it: capacity factor 1.0, Python's round, no
+multiple: C = 50 tokens per expert in a group of 8 images; Soft MoE as
+vmoe's configs: one image a routing group, round(50 / 8) = 6 slots per
+expert, one path: batched matmuls, dispatch and combine in bfloat16), at
+batch 32 and 128, with routing groups of 8 images (the paper's configs)
+and of the whole batch: per dispatch path, the median time of repeated
+compiled calls (warm-up excluded; the paths of one model and group
+setting timed interleaved) of inference and of a training step (SGD),
+the model's useful FLOPs per image (keras_e3.flops, routed tokens; also
+counted over every capacity slot), the useful GFLOP/s as a fraction of a
 compiled fp32 matmul peak measured in the same run (at its start and at
-its end; the higher of the two) and, on JAX, the
-compiled memory of both calls (`memory_analysis()`: temp, argument,
-output bytes; peak = their sum less donated buffers).
+its end; the higher of the two) and, on JAX, the compiled memory of both
+calls (`memory_analysis()`: temp, argument, output bytes; peak = their
+sum less donated buffers).
 
 Routing: by default the routers are balanced on the benchmark images
 (`--routing balanced`, see `_routing.py`), so that the experts' loads are
@@ -25,6 +30,9 @@ even, as a trained model's are, and the gather path is timed on the work
 the useful FLOPs count; `kept_fraction` is the share of routed choices
 within capacity (as initialised, `--routing initial`, a quarter of E³'s
 and a third of V-MoE's are dropped, which the gather path skips).
+Experts Choice and Soft MoE are balanced by construction (each expert
+takes C tokens, or fills its P slots, of every group): their routers are
+left as initialised and their rows have no `kept_fraction`.
 
 Backends: JAX (`jax.jit`; the training step is Keras' own `train_step`,
 compiled ahead of time with the state donated, as `fit` does),
@@ -60,15 +68,24 @@ VMOE_S32 = dict(S32, num_experts=8, moe_layers=(5, 7),
                 num_selected_experts=2, capacity_factor=1.05)
 E3_S32 = dict(S32, num_experts=8, moe_layers=(5, 7), num_selected_experts=1,
               ensemble_size=2, capacity_factor=1.5)
+EC_S32 = dict(S32, num_experts=8, moe_layers=(5, 7), router="experts_choice",
+              capacity_factor=1.0, capacity_ceil_or_round="round",
+              capacity_multiple_of=1)
+SOFT_S32 = dict(S32, num_experts=8, moe_layers=(5, 7), router="soft",
+                capacity_factor=1.0)
 # name: (backbone config, independently initialised members, routing
 # groups measured). The deep ensemble is compared with E³ at the paper's
-# groups of 8 images only.
+# groups of 8 images only; Soft MoE routes each image on its own ("image").
 MODELS = {
     "vit_s32": (S32, 1, ("8", "batch")),
     "vmoe_s32": (VMOE_S32, 1, ("8", "batch")),
     "e3_s32": (E3_S32, 1, ("8", "batch")),
     "de2_vmoe_s32": (VMOE_S32, 2, ("8",)),
+    "ec_s32": (EC_S32, 1, ("8", "batch")),
+    "soft_s32": (SOFT_S32, 1, ("image",)),
 }
+# Soft MoE has one path (batched matmuls), whatever --dispatchers says.
+SOFT_PATH = "matmul"
 TOKENS_PER_IMAGE = 50  # (224 / 32)^2 patches + class token
 NUM_CLASSES = 1000
 
@@ -78,8 +95,8 @@ def build(config, members, dispatcher, images_per_group):
     kwargs = dict(config)
     if kwargs.get("num_experts"):
         tokens = TOKENS_PER_IMAGE * kwargs.get("ensemble_size", 1)
-        kwargs.update(dispatcher=dispatcher,
-                      group_size=images_per_group * tokens)
+        kwargs.update(dispatcher="auto" if dispatcher == SOFT_PATH
+                      else dispatcher, group_size=images_per_group * tokens)
     models = []
     for seed in range(members):
         keras.utils.set_random_seed(seed)
@@ -111,6 +128,8 @@ def routing(models, images, mode):
     and the fraction of routed choices the experts keep (the members'
     mean), or None for a dense model."""
     source = models.get("gather") or next(iter(models.values()))
+    if source[0].backbone.router != "top_k":
+        return None  # balanced by construction (see the module doc)
     kept = [route(model, images, balance=mode == "balanced")
             for model in source]
     for paths in models.values():
@@ -203,6 +222,8 @@ def group_settings(config, model_groups, args, batch):
     """(images per group, "8" or "batch") of the rows of one model."""
     if not config.get("num_experts"):
         return [(None, "-")]
+    if model_groups == ("image",):
+        return [(1, "image")]
     wanted = [g for g in args.groups if g in model_groups]
     return sorted({(8 if g == "8" else batch, g) for g in wanted})
 
@@ -216,7 +237,9 @@ def rows_for(name, batch, images, labels, args):
     for images_per_group, label in group_settings(config, model_groups, args,
                                                   batch):
         models, rows = {}, {}
-        for dispatcher in (args.dispatchers if moe else ["-"]):
+        paths = ([SOFT_PATH] if config.get("router") == "soft"
+                 else args.dispatchers if moe else ["-"])
+        for dispatcher in paths:
             models[dispatcher] = build(config, members, dispatcher,
                                        images_per_group)
             # Useful work: every routed token through its K experts once
@@ -231,7 +254,7 @@ def rows_for(name, batch, images, labels, args):
                 images_per_group=images_per_group, dispatcher=dispatcher,
                 gflops_per_image=round(useful, 3),
                 gflops_per_image_capacity=round(slots, 3))
-            if dispatcher == "gather":
+            if dispatcher == "gather" and not config.get("router"):
                 rows[dispatcher]["gather_layout"] = gather_layout(
                     models[dispatcher][0], batch)
         kept = routing(models, images, args.routing)
@@ -246,7 +269,7 @@ def rows_for(name, batch, images, labels, args):
             row.update(fields)
             row["infer_useful_gflops_per_s"] = round(
                 row["gflops_per_image"] * batch / seconds, 1)
-        if train and label in ("-", *args.train_groups):
+        if train and label in ("-", "image", *args.train_groups):
             timings = measure(
                 {d: functools.partial(train_call, m, images, labels)
                  for d, m in models.items()},

@@ -10,9 +10,13 @@ in the same folder, then `os.replace`) as a PNG at `path`:
     of the ensemble, as bars.
   - `routing_maps`: for a few images, for each MoE block and ensemble
     member, the expert each patch is dispatched to, as a colored grid over
-    the image (hatched black: dropped, dispatched to no expert).
+    the image (black: dropped, dispatched to no expert); for Experts
+    Choice the taking expert with the largest gate (black: taken by none),
+    for Soft MoE the expert whose slots give the patch the largest combine
+    weight.
   - `expert_load`: per MoE block, the fraction of token copies each expert
-    processes, colored by the member (E³ partition) that owns it.
+    processes (Soft MoE: its mean combine weight), colored by the member
+    (E³ partition) that owns it.
   - `ood_histograms`: the in-distribution and OOD distributions of each
     OOD score.
 """
@@ -178,14 +182,31 @@ def _display_image(image, value_range):
     return image[..., :3], None
 
 
+# Per router: what the routing maps show, and what a patch no expert
+# serves is called (Soft MoE serves every token).
+MAP_TITLES = {
+    "top_k": ("Expert routing per patch (highest-gate expert the token is "
+              "dispatched to)", "dropped (×)"),
+    "experts_choice": ("Experts Choice per patch (highest-gate expert "
+                       "among those that took the token)",
+                       "taken by no expert (×)"),
+    "soft": ("Soft MoE per patch (expert whose slots give the token the "
+             "largest combine weight)", None),
+}
+
+
 def routing_maps(images, top_expert, grid_size, num_experts, ensemble_size,
-                 path, labels=None, value_range=None, alpha=0.55):
+                 path, labels=None, value_range=None, alpha=0.55,
+                 router="top_k"):
     """Expert of each patch, per image (rows) and MoE block x member
     (columns).
 
     `top_expert` maps block names to [n, M, patches] expert indices (-1:
-    dropped), patches in row-major grid order (class token excluded).
+    dropped), patches in row-major grid order (class token excluded);
+    `router` ("top_k", "experts_choice", "soft") words the title and the
+    legend.
     """
+    title, unserved = MAP_TITLES[router]
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
 
@@ -245,20 +266,21 @@ def routing_maps(images, top_expert, grid_size, num_experts, ensemble_size,
                      label=(f"expert {e} (member {e // (num_experts // m)})"
                             if m > 1 else f"expert {e}"))
                for e in range(num_experts)]
-    handles.append(Patch(facecolor="black", label="dropped (×)"))
+    if unserved:
+        handles.append(Patch(facecolor="black", label=unserved))
     fig.legend(handles=handles, loc="outside right center", fontsize=8,
                title="dispatched to", title_fontsize=8)
-    fig.suptitle("Expert routing per patch (highest-gate expert the token is "
-                 "dispatched to)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 
-def expert_load(layers, num_selected_experts, ensemble_size, path,
-                num_examples=None):
-    """Per MoE block, bars of the fraction of token copies per expert.
+def expert_load(layers, ensemble_size, path, num_examples=None):
+    """Per MoE block, bars of the fraction of token copies per expert (Soft
+    MoE: each expert's mean combine weight), with the balanced load.
 
-    `layers` maps block names to dicts with "expert_load", "expert_member"
-    and "dropped_fraction" (as `keras_e3.evaluation.routing_stats`).
+    `layers` maps block names to dicts with "router", "expert_load",
+    "uniform_load", "dropped_fraction" (and, for Soft MoE,
+    "mean_top_expert_weight"), as `keras_e3.evaluation.routing_stats`.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -270,7 +292,8 @@ def expert_load(layers, num_selected_experts, ensemble_size, path,
     fig = _figure(figsize=(max(4.4, 0.45 * num_experts + 2.4) * len(names)
                            + 0.4, 4.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names), sharey=True))
-    uniform = num_selected_experts / (num_experts / m)
+    router = layers[names[0]].get("router", "top_k")
+    uniform = float(layers[names[0]]["uniform_load"])
     top = uniform
     for ax, name in zip(axes, names):
         load = np.asarray(layers[name]["expert_load"])
@@ -280,15 +303,15 @@ def expert_load(layers, num_selected_experts, ensemble_size, path,
         ax.set_xticks(np.arange(num_experts))
         ax.set_xlabel("expert")
         block = name.replace("encoderblock_", "block ")
-        ax.set_title(f"{block}: {layers[name]['dropped_fraction']:.1%} of "
-                     "tokens dropped", fontsize=10)
+        ax.set_title(f"{block}: " + _load_caption(layers[name], router),
+                     fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         top = max(top, float(load.max()))
-    axes[0].set_ylabel("fraction of the member's tokens" if m > 1
+    axes[0].set_ylabel("mean combine weight" if router == "soft" else
+                       "fraction of the member's tokens" if m > 1
                        else "fraction of tokens")
     axes[0].set_ylim(0, top * 1.4)
-    handles = [Line2D([], [], ls="--", color="gray",
-                      label=f"uniform (K={num_selected_experts})")]
+    handles = [Line2D([], [], ls="--", color="gray", label="balanced")]
     if m > 1:
         per_member = num_experts // m
         handles = [Patch(facecolor=colors[j * per_member + per_member // 2],
@@ -298,9 +321,20 @@ def expert_load(layers, num_selected_experts, ensemble_size, path,
     axes[-1].legend(handles=handles, fontsize=8, loc="upper right",
                     ncol=min(len(handles), 3))
     seen = f" over {num_examples} images" if num_examples else ""
-    fig.suptitle(f"Expert load{seen}\n(tokens dispatched to each expert; "
-                 "class token included)", fontsize=10)
+    what = ("each token's combine weight on the expert's slots"
+            if router == "soft" else "tokens dispatched to each expert")
+    fig.suptitle(f"Expert load{seen}\n({what}; class token included)",
+                 fontsize=10)
     return save_figure(fig, path)
+
+
+def _load_caption(layer, router):
+    if router == "soft":
+        return (f"top expert weight {layer['mean_top_expert_weight']:.2f} "
+                "on average")
+    if router == "experts_choice":
+        return f"{layer['dropped_fraction']:.1%} of tokens taken by none"
+    return f"{layer['dropped_fraction']:.1%} of tokens dropped"
 
 
 def ood_histograms(scores, path, bins=30):

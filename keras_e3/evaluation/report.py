@@ -21,7 +21,10 @@ The report (`report.json`, written atomically) holds:
     image (with the per-part breakdown);
   - "routing" (MoE models): per MoE block, the fraction of token copies
     each expert processes, the member (partition) of each expert and the
-    fraction of token copies dispatched to no expert ("dropped");
+    fraction of token copies dispatched to no expert ("dropped"); for
+    Experts Choice the tokens taken by no expert and the distribution of
+    experts per token, for Soft MoE each expert's mean combine weight (see
+    `keras_e3.evaluation.routing_stats`);
   - "preset", "dataset", "ood_dataset", "num_examples", "num_ood_examples",
     "num_classes", "class_names", "ensemble_size", "num_bins", "backend",
     versions, and "plots" (file names relative to the report's folder, or
@@ -37,6 +40,7 @@ import keras_e3
 from keras_e3 import metrics as e3_metrics
 from keras_e3.evaluation import plots as plotting
 from keras_e3.evaluation.flops import count_flops
+from keras_e3.evaluation.routing import TOKEN_ARRAYS
 from keras_e3.evaluation.routing import routing_stats
 from keras_e3.io_utils import json_safe
 from keras_e3.io_utils import write_json_atomic
@@ -115,7 +119,7 @@ def evaluate(model, images, labels, ood_images=None, out_dir=None,
                                 batch_size)
         report["routing"] = {
             name: {k: v for k, v in r.items()
-                   if k not in ("top_expert", "dropped")}
+                   if k not in TOKEN_ARRAYS}
             for name, r in routing["layers"].items()}
         report["routing_examples"] = routing["num_examples"]
     else:
@@ -191,10 +195,10 @@ def _make_plots(model, images, labels, logits, ood_logits, routing, metrics,
              for k, v in routing["layers"].items()},
             emb.grid_size, backbone.num_experts, backbone.ensemble_size,
             path("routing_maps"), labels=labels[:count],
-            value_range=preprocessor.get("value_range"))
+            value_range=preprocessor.get("value_range"),
+            router=backbone.router)
         plotting.expert_load(
-            routing["layers"], backbone.num_selected_experts,
-            backbone.ensemble_size, path("expert_load"),
+            routing["layers"], backbone.ensemble_size, path("expert_load"),
             num_examples=routing["num_examples"])
     if ood_logits is not None:
         plotting.ood_histograms(ood_scores(logits, ood_logits),
@@ -252,8 +256,15 @@ def summary(report):
                      f"FPR@95 {values['fpr_at_95_tpr']:.4f}")
     for name, r in (report.get("routing") or {}).items():
         load = ", ".join(f"{v:.2f}" for v in r["expert_load"])
-        lines.append(f"  {name}: expert load [{load}], "
-                     f"dropped {r['dropped_fraction']:.2%}")
+        router = r.get("router", "top_k")
+        if router == "soft":
+            lines.append(f"  {name}: expert weight [{load}], top expert "
+                         f"weight {r['mean_top_expert_weight']:.2f}")
+        else:
+            dropped = ("taken by no expert" if router == "experts_choice"
+                       else "dropped")
+            lines.append(f"  {name}: expert load [{load}], "
+                         f"{dropped} {r['dropped_fraction']:.2%}")
     for key, reason in (report.get("skipped_plots") or {}).items():
         lines.append(f"  plot {key} skipped: {reason}")
     return "\n".join(lines)

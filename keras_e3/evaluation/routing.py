@@ -1,9 +1,10 @@
 """How a model routes its tokens: per MoE block, each expert's load, the
-dropped token copies, and each token's top expert (for the routing maps).
+tokens no expert serves, and each token's top expert (for the routing
+maps), for each router (top-K, Experts Choice, Soft MoE).
 
 The routing is read from the model's own `compute_intermediates` (the
-dispatch masks and gates that the MoE layers return), batch by batch as
-`predict` routes them (same routing groups).
+dispatch masks, gates and Soft MoE combine weights that the MoE layers
+return), batch by batch as `predict` routes them (same routing groups).
 """
 
 import contextlib
@@ -13,64 +14,127 @@ import numpy as np
 
 from keras_e3.layers.moe import ungroup
 
+# What `route` reads of each MoE block's routing intermediates, by router.
+ROUTING_KEYS = {"top_k": ("dispatch_mask", "gates"),
+                "experts_choice": ("dispatch_mask", "gates"),
+                "soft": ("combine_weights",)}
+# Per-token arrays of a block's stats (for the plots; not JSON).
+TOKEN_ARRAYS = ("top_expert", "dropped", "top_expert_weight")
+
 
 def routing_stats(model, images, batch_size=64):
     """Per-token routing of every MoE block over `images`.
 
-    Returns {"num_examples": N, "layers": {block name: {...}}} where each
-    block has "expert_load" [E] (fraction of the token copies of the
-    expert's member dispatched to it; sums to K per member without drops),
-    "expert_member" [E], "dropped_fraction" (token copies dispatched to no
-    expert), "num_token_copies", and, as numpy arrays for the plots,
-    "top_expert" [N, M, T] (the dispatched expert with the largest gate,
-    -1 when dropped) and "dropped" [N, M, T]. Batches of `batch_size`
-    images are routed as `predict` routes them (same routing groups).
+    Returns {"num_examples": N, "layers": {block name: {...}}}. Every block
+    has "router" (the backbone's), "expert_member" [E],
+    "num_token_copies", "expert_load" [E], "uniform_load" (the load of
+    every expert under perfectly balanced routing), "dropped_fraction",
+    and, as numpy arrays [N, M, T] for the plots, "top_expert" and
+    "dropped". By router:
+
+    - "top_k": "expert_load" is the fraction of the token copies of the
+      expert's member dispatched to it (sums to K per member without
+      drops); "top_expert" the dispatched expert with the largest gate,
+      -1 when the copy is dropped (dispatched to no expert).
+    - "experts_choice": "expert_load" is the fraction of the tokens each
+      expert takes (every expert takes C tokens of each routing group);
+      "dropped_fraction" the tokens taken by no expert; "experts_per_token"
+      [E + 1] the fraction of tokens taken by 0, 1, ..., E experts;
+      "top_expert" the taking expert with the largest gate (-1: none).
+    - "soft": every token combines every expert's slots, nothing is
+      dropped. A token's weight on an expert is its combine weights summed
+      over that expert's slots (they sum to 1 over the experts);
+      "expert_load" is each expert's mean weight over the tokens (sums to
+      1), "top_expert" the expert with the largest weight,
+      "top_expert_weight" [N, M, T] that weight and
+      "mean_top_expert_weight" its mean.
+
+    Batches of `batch_size` images are routed as `predict` routes them.
     """
     backbone = model.backbone
+    router = getattr(backbone, "router", "top_k")
     m = backbone.ensemble_size
     tokens = backbone.embedding.num_tokens
     num_experts = backbone.num_experts
     per_member = num_experts // m
-    top, counts = {}, {}
+    arrays, sums = {}, {}
     n = images.shape[0]
     route = _router_outputs(backbone)
     for start in range(0, n, int(batch_size)):
         batch = images[start:start + int(batch_size)]
         b = batch.shape[0]
-        for name, (mask, gates) in route(batch).items():
-            mask = np.asarray(keras.ops.convert_to_numpy(mask))
-            gates = np.asarray(keras.ops.convert_to_numpy(gates), np.float64)
-            # Routing groups [G, S, E(, C)] back to [B, M, T, E].
-            served = ungroup(mask.any(-1), b * tokens * m, tokens, m)
-            served = np.reshape(served, (b, m, tokens, num_experts))
-            gates = np.reshape(ungroup(gates, b * tokens * m, tokens, m),
-                               (b, m, tokens, num_experts))
-            best = np.argmax(np.where(served, gates, -np.inf), axis=-1)
-            best = np.where(served.any(-1), best, -1)
-            top.setdefault(name, []).append(best)
-            counts.setdefault(name, np.zeros(num_experts, np.int64))
-            counts[name] += served.sum(axis=(0, 1, 2))
+
+        def per_token(x):  # routing groups [G, S, E] -> [b, M, T, E]
+            x = ungroup(np.asarray(keras.ops.convert_to_numpy(x)),
+                        b * tokens * m, tokens, m)
+            return np.reshape(x, (b, m, tokens, num_experts))
+
+        for name, out in route(batch).items():
+            if router == "soft":
+                weight = per_token(np.asarray(keras.ops.convert_to_numpy(
+                    out["combine_weights"]), np.float64).sum(-1))
+                token = {"top_expert": np.argmax(weight, axis=-1),
+                         "top_expert_weight": np.max(weight, axis=-1)}
+                load = weight.sum(axis=(0, 1, 2))
+            else:
+                served = per_token(np.asarray(keras.ops.convert_to_numpy(
+                    out["dispatch_mask"])).any(-1))
+                gates = per_token(np.asarray(keras.ops.convert_to_numpy(
+                    out["gates"]), np.float64))
+                best = np.argmax(np.where(served, gates, -np.inf), axis=-1)
+                token = {"top_expert": np.where(served.any(-1), best, -1),
+                         "num_experts": served.sum(-1)}
+                load = served.sum(axis=(0, 1, 2))
+            for key, value in token.items():
+                arrays.setdefault(name, {}).setdefault(key, []).append(value)
+            sums[name] = sums.get(name, 0) + load
     layers = {}
     copies_per_member = n * tokens
-    for name in top:
-        best = np.concatenate(top[name])
+    for name in arrays:
+        token = {k: np.concatenate(v) for k, v in arrays[name].items()}
+        best = token["top_expert"]
         dropped = best < 0
-        layers[name] = {
-            "expert_load": (counts[name] / copies_per_member).tolist(),
+        layer = {
+            "router": router,
+            "expert_load": (sums[name] / copies_per_member).tolist(),
+            "uniform_load": _uniform_load(backbone, router),
             "expert_member": [e // per_member for e in range(num_experts)],
             "dropped_fraction": float(np.mean(dropped)),
             "num_token_copies": int(n * tokens * m),
             "top_expert": best, "dropped": dropped}
+        if router == "experts_choice":
+            layer["experts_per_token"] = (np.bincount(
+                token["num_experts"].ravel(), minlength=num_experts + 1)
+                / token["num_experts"].size).tolist()
+        if router == "soft":
+            layer["top_expert_weight"] = token["top_expert_weight"]
+            layer["mean_top_expert_weight"] = float(
+                np.mean(token["top_expert_weight"]))
+        layers[name] = layer
     return {"num_examples": int(n), "layers": layers}
 
 
+def _uniform_load(backbone, router):
+    """An expert's load when the routing is perfectly balanced."""
+    if router == "soft":
+        return 1.0 / backbone.num_experts
+    if router == "experts_choice":  # C of each group's S tokens
+        mlp = backbone.moe_blocks[0].mlp
+        return mlp.capacity / mlp.group_size
+    m = backbone.ensemble_size
+    return backbone.num_selected_experts / (backbone.num_experts / m)
+
+
 def _router_outputs(backbone):
-    """A function: images -> {block name: (dispatch_mask, gates)}; jitted
-    on JAX (eager JAX compiles every op of every new shape)."""
+    """A function: images -> {block name: {key: routing intermediate}}
+    (the `ROUTING_KEYS` of the backbone's router); jitted on JAX (eager
+    JAX compiles every op of every new shape)."""
+    keys = ROUTING_KEYS[getattr(backbone, "router", "top_k")]
+
     def route(images):
         with _no_grad():
             out = backbone.compute_intermediates(images)
-        return {key.split("/", 1)[1]: (r["dispatch_mask"], r["gates"])
+        return {key.split("/", 1)[1]: {k: r[k] for k in keys}
                 for key, r in out.items() if key.startswith("routing/")}
 
     if keras.backend.backend() != "jax":

@@ -38,7 +38,8 @@ from keras_e3 import distribution as e3_dist  # noqa: E402
 
 # Tiny models with 8 experts: an E³ (M=2, K=1) and a V-MoE (K=2, BPR), with
 # capacities small enough that tokens are dropped, 2 routing groups per
-# batch of 8 images (17 tokens each).
+# batch of 8 images (17 tokens each); an Experts Choice and a Soft MoE
+# model of the same size.
 TINY = dict(image_size=32, patch_size=8, hidden_dim=32, num_layers=4,
             num_heads=2, mlp_dim=64, num_experts=8, moe_layers=(1, 3),
             representation_size=32, seed=1)
@@ -47,6 +48,12 @@ CONFIGS = {
                capacity_factor=1.0, group_size=4 * 17 * 2),
     "vmoe": dict(TINY, num_selected_experts=2, capacity_factor=1.0,
                  batch_priority=True, group_size=4 * 17),
+    # Experts Choice: each expert takes its top 12 of a group's 68 tokens
+    # (some tokens are taken by no expert), router noise in training.
+    "experts_choice": dict(TINY, router="experts_choice", capacity_factor=1.0,
+                           group_size=4 * 17),
+    # Soft MoE: one image a group, 2 slots per expert, bf16 dispatch.
+    "soft": dict(TINY, router="soft", num_slots=2, group_size=17),
 }
 MESHES = ((2, 4), (1, 8))
 BATCH = 8

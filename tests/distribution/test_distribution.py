@@ -53,8 +53,11 @@ DISTRIBUTIONS = {"expert_parallel_2x4": 4, "expert_parallel_1x8": 8,
                  "data_parallel_8": 1}
 
 
+CONFIGS = ["e3", "vmoe", "experts_choice", "soft"]
+
+
 @pytest.mark.single_backend
-@pytest.mark.parametrize("config", ["e3", "vmoe"])
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
 def test_distributed_matches_single_device(jax_report, config, name):
     assert jax_report["devices"] == 8
@@ -65,10 +68,11 @@ def test_distributed_matches_single_device(jax_report, config, name):
 
 
 @pytest.mark.single_backend
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
-def test_expert_weights_are_sharded(jax_report, name):
+def test_expert_weights_are_sharded(jax_report, config, name):
     expert_devices = DISTRIBUTIONS[name]
-    shards = jax_report["e3"][name]["expert_shards"]
+    shards = jax_report[config][name]["expert_shards"]
     # 2 MoE layers x (kernel_0, bias_0, kernel_1, bias_1), 8 experts each.
     assert len(shards) == 8
     for path, (spec, local_shape) in shards.items():
@@ -139,10 +143,61 @@ PAPER_PARAMS = {"vmoe_l16_every2": 3.4, "eee_h14_last5": 2.7}
 @pytest.mark.single_backend
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_large_presets_build_abstractly(name):
+    count = check_abstract_preset(name)
+    assert round(count / 1e9, 1) == PAPER_PARAMS[name]
+
+
+# The Soft MoE paper's image models (Puigcerver et al., arXiv 2308.00951v2),
+# as vmoe's vmoe/projects/soft_moe/configs/pretrain_jft4b.py builds
+# "soft-s16" and "soft-b16": ViT S/16 or B/16 with qk-norm attention and a
+# GAP head, 128 experts with 1 slot each on the last 6 of 12 blocks, 224px,
+# JFT-4B's 29,593 classes: (hidden size, MLP size, heads).
+SOFT_MOE_LAYOUTS = {"soft_moe_s16_128e": (384, 1536, 6),
+                    "soft_moe_b16_128e": (768, 3072, 12)}
+# The paper's Table 8 ("Soft MoE S/16 128E 933M", "Soft MoE B/16 128E
+# 3.7B"; B/16 also in Table 1), with the unit of its last digit: the
+# count must lie within one unit (933M is written for 933.7M).
+SOFT_MOE_PAPER_PARAMS = {"soft_moe_s16_128e": (933e6, 1e6),
+                         "soft_moe_b16_128e": (3.7e9, 0.1e9)}
+
+
+def soft_moe_parameter_count(hidden, mlp, heads, layers=12, moe_layers=6,
+                             experts=128, slots=1, patch=16, image=224,
+                             classes=29593):
+    tokens = (image // patch) ** 2  # GAP head: no class token
+    embedding = patch * patch * 3 * hidden + hidden + tokens * hidden
+    # q, k, v, out projections; qk-norm: one [head_dim] scale each for
+    # queries and keys; two LayerNorms.
+    attention = 4 * (hidden * hidden + hidden) + 2 * (hidden // heads)
+    norms = 2 * 2 * hidden
+    dense = 2 * hidden * mlp + mlp + hidden
+    router = hidden * experts * slots + 1  # Soft MoE's mu and scale
+    blocks = (layers * (attention + norms) + (layers - moe_layers) * dense
+              + moe_layers * (experts * dense + router))
+    head = 2 * hidden + hidden * classes + classes  # encoder norm + head
+    return embedding + blocks + head
+
+
+@pytest.mark.single_backend
+@pytest.mark.parametrize("name", sorted(SOFT_MOE_LAYOUTS))
+def test_soft_moe_presets_have_the_papers_layout(name):
+    count = check_abstract_preset(name)
+    paper, unit = SOFT_MOE_PAPER_PARAMS[name]
+    assert abs(count - paper) < unit
+    assert count == soft_moe_parameter_count(*SOFT_MOE_LAYOUTS[name])
+    backbone = keras_e3.E3ViT.abstract_from_preset(name).backbone
+    assert (backbone.router, backbone.num_slots, backbone.classifier,
+            backbone.attention_qk_norm) == ("soft", 1, "gap", True)
+    assert list(backbone.moe_layers) == [6, 7, 8, 9, 10, 11]
+    assert backbone.moe_blocks[0].mlp.group_size == 196  # one image
+
+
+def check_abstract_preset(name):
+    """Builds a card abstractly; checks its parameters and FLOPs against
+    the card's; returns the parameter count."""
     model = keras_e3.E3ViT.abstract_from_preset(name)
     count = model.count_params()
     assert count == registry.builtin_presets()[name]["parameter_count"]
-    assert round(count / 1e9, 1) == PAPER_PARAMS[name]
     # Shapes only: no variable holds a value (Keras' deferred init).
     assert all(v._value is None for v in model.weights)
     flops = keras_e3.count_flops(model)["flops"]
@@ -150,6 +205,7 @@ def test_large_presets_build_abstractly(name):
         registry.builtin_presets()[name]["gflops_per_image"]
     with pytest.raises(ValueError, match="no weights to load"):
         keras_e3.E3ViT.abstract_from_preset(name, load_weights=True)
+    return count
 
 
 def tiny_task():

@@ -30,14 +30,16 @@ def parse(*argv):
     return parser.parse_args(["evaluate", *argv])
 
 
-def tiny_preset(path, ensemble_size=2, moe_layers=(1,)):
+def tiny_preset(path, ensemble_size=2, moe_layers=(1,), **router):
+    """`router`: backbone settings replacing capacity_factor=1.0."""
     import keras_e3
 
     backbone = keras_e3.E3ViTBackbone(
         image_size=32, patch_size=8, num_channels=1, hidden_dim=16,
         num_layers=2, num_heads=2, mlp_dim=32,
         num_experts=4 if moe_layers else 0, moe_layers=moe_layers,
-        ensemble_size=ensemble_size, capacity_factor=1.0, seed=0)
+        ensemble_size=ensemble_size, seed=0,
+        **(router or {"capacity_factor": 1.0}))
     model = keras_e3.E3ViT(backbone, num_classes=10)
     rng = np.random.default_rng(0)
     model.head.kernel.assign(
@@ -182,6 +184,111 @@ def test_dropped_tokens_are_reported(e3_preset, digits):
     np.testing.assert_allclose(np.sum(layer["expert_load"]),
                                2 * (1 - layer["dropped_fraction"]))
     np.testing.assert_array_equal(layer["dropped"], layer["top_expert"] < 0)
+
+
+# Experts Choice: one image (17 tokens) per routing group, each of the 4
+# experts takes C = ceil(17 * 0.5 / 4) = 3 of them. Soft MoE: 2 slots per
+# expert, one image per group (its default).
+EC_ROUTER = dict(router="experts_choice", capacity_factor=0.5,
+                 capacity_multiple_of=1, group_size=17)
+SOFT_ROUTER = dict(router="soft", num_slots=2)
+
+
+@pytest.fixture(scope="module")
+def ec_preset(tmp_path_factory):
+    return tiny_preset(tmp_path_factory.mktemp("ec") / "preset",
+                       ensemble_size=1, **EC_ROUTER)
+
+
+@pytest.fixture(scope="module")
+def soft_preset(tmp_path_factory):
+    return tiny_preset(tmp_path_factory.mktemp("soft") / "preset",
+                       ensemble_size=1, **SOFT_ROUTER)
+
+
+def test_experts_choice_tokens_taken_per_expert(ec_preset, digits):
+    """Every expert takes its C tokens of each image; the tokens taken by
+    no expert are counted, and the experts per token add up to the
+    experts' loads; permuting the images permutes the routing (one image
+    a routing group; one batch size: one XLA compilation on JAX)."""
+    model = _load(ec_preset)
+    images = digits[0][:12]
+    stats = routing_stats(model, images, batch_size=6)
+    layer = stats["layers"]["encoderblock_1"]
+    assert layer["router"] == "experts_choice"
+    np.testing.assert_allclose(layer["expert_load"], [3 / 17] * 4)
+    assert layer["uniform_load"] == pytest.approx(3 / 17)
+    hist = np.asarray(layer["experts_per_token"])
+    assert hist.shape == (5,)
+    assert hist.sum() == pytest.approx(1.0)
+    # 4 experts x 3 tokens of 17: on average 12/17 experts per token.
+    assert np.dot(np.arange(5), hist) == pytest.approx(12 / 17)
+    assert layer["dropped_fraction"] == pytest.approx(hist[0])
+    assert 0 < layer["dropped_fraction"] < 1
+    top = layer["top_expert"]
+    assert top.shape == (12, 1, 17)
+    np.testing.assert_array_equal(layer["dropped"], top < 0)
+    assert set(np.unique(top)) <= {-1, 0, 1, 2, 3}
+    order = np.arange(12)[::-1]
+    permuted = routing_stats(model, images[order], batch_size=6)
+    np.testing.assert_array_equal(
+        permuted["layers"]["encoderblock_1"]["top_expert"], top[order])
+
+
+def test_soft_moe_weight_per_expert(soft_preset, digits):
+    """A token's weight on an expert is its combine weight summed over the
+    expert's slots: with the router's scale at 0 every slot weighs the
+    same, so every expert gets 1/4 of every token."""
+    model = _load(soft_preset)
+    images = digits[0][:12]
+    layer = routing_stats(model, images, batch_size=6)["layers"][
+        "encoderblock_1"]
+    assert layer["router"] == "soft"
+    assert layer["dropped_fraction"] == 0.0
+    assert not layer["dropped"].any()
+    assert sum(layer["expert_load"]) == pytest.approx(1.0)
+    assert layer["uniform_load"] == 0.25
+    weight = layer["top_expert_weight"]
+    assert weight.shape == (12, 1, 17)
+    assert np.all((weight >= 0.25 - 1e-6) & (weight <= 1 + 1e-6))
+    assert layer["mean_top_expert_weight"] == pytest.approx(weight.mean())
+    order = np.arange(12)[::-1]
+    permuted = routing_stats(model, images[order], batch_size=6)
+    np.testing.assert_array_equal(
+        permuted["layers"]["encoderblock_1"]["top_expert"],
+        layer["top_expert"][order])
+    router = model.backbone.moe_blocks[0].mlp.router
+    router.scale.assign(0.0)
+    uniform = routing_stats(model, images, batch_size=6)["layers"][
+        "encoderblock_1"]
+    np.testing.assert_allclose(uniform["expert_load"], [0.25] * 4,
+                               atol=1e-6)
+    np.testing.assert_allclose(uniform["top_expert_weight"], 0.25, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["experts_choice", "soft"])
+def test_evaluate_report_and_plots_for_new_routers(router, ec_preset,
+                                                   soft_preset, tmp_path,
+                                                   capsys):
+    preset = ec_preset if router == "experts_choice" else soft_preset
+    out = tmp_path / "out"
+    assert cli_evaluate.run(parse("--preset", preset, "--data", "digits",
+                                  "--out", str(out), "--max-examples", "8",
+                                  "--batch-size", "8")) == 0
+    report = json.loads((out / ev.REPORT_FILE).read_text())
+    layer = report["routing"]["encoderblock_1"]
+    assert layer["router"] == router
+    assert not set(layer) & {"top_expert", "dropped", "top_expert_weight"}
+    assert ("experts_per_token" in layer) == (router == "experts_choice")
+    assert ("mean_top_expert_weight" in layer) == (router == "soft")
+    assert set(report["plots"]) == {"reliability", "member_metrics",
+                                    "routing_maps", "expert_load"}
+    for name in ("routing_maps", "expert_load"):
+        _assert_png(out / report["plots"][name])
+    printed = capsys.readouterr().out
+    expected = ("taken by no expert" if router == "experts_choice"
+                else "top expert weight")
+    assert "encoderblock_1: " in printed and expected in printed
 
 
 def test_dense_vit_skips_routing_plots(tmp_path, capsys):

@@ -18,7 +18,9 @@ EVAL_PROCESS = {
     384: "decode|resize(384)|value_range(-1,1)",
     128: "decode|resize(128)|value_range(-1,1)",
 }
-LABELS = {1000: "imagenet2012", 100: "cifar100", 21843: None}
+# No label list for ImageNet-21k here, nor for JFT-4B (29,593 classes, the
+# Soft MoE cards: a proprietary dataset).
+LABELS = {1000: "imagenet2012", 100: "cifar100", 21843: None, 29593: None}
 OFFICIAL = [name for name, card in registry.builtin_presets().items()
             if card["kind"] != "embedded"]
 
