@@ -42,17 +42,18 @@ TINY = dict(image_size=32, patch_size=8, hidden_dim=32, num_layers=2,
             num_heads=2, mlp_dim=64, representation_size=32)
 
 
-def bare_train_step(model, images, labels):
-    """(run, compiled): run() is one bare jitted value_and_grad + SGD step
-    of `model` on (images, labels), on its own copy of the weights
-    (donated); compiled is the executable."""
+def sgd_step(model):
+    """step(trainable, non_trainable, x, y) -> (loss, trainable,
+    non_trainable): the bare training step, pure: `value_and_grad` of the
+    compiled loss on `stateless_call`'s logits plus the routers'
+    auxiliary losses (what `compute_loss` sums), then an SGD update."""
     import jax
 
     loss_fn = model.loss  # the compiled loss object (mean over the batch)
 
-    def loss_with_aux(trainable, non_trainable, x, y):
-        (logits, non_trainable), aux = _call_with_losses(
-            model, trainable, non_trainable, x)
+    def loss(trainable, non_trainable, x, y):
+        logits, non_trainable, aux = model.stateless_call(
+            trainable, non_trainable, x, training=True, return_losses=True)
         total = loss_fn(y, logits)
         if aux:
             total = total + sum(aux)
@@ -60,27 +61,28 @@ def bare_train_step(model, images, labels):
 
     def step(trainable, non_trainable, x, y):
         (value, non_trainable), grads = jax.value_and_grad(
-            loss_with_aux, has_aux=True)(trainable, non_trainable, x, y)
+            loss, has_aux=True)(trainable, non_trainable, x, y)
         trainable = jax.tree.map(lambda w, g: w - LEARNING_RATE * g,
                                  trainable, grads)
         return value, trainable, non_trainable
+    return step
+
+
+def bare_train_step(model, images, labels):
+    """(run, compiled): run() is one bare jitted `sgd_step` of `model` on
+    (images, labels), on its own copy of the weights (donated); compiled
+    is the executable."""
+    import jax
 
     state = [[v.value.copy() for v in model.trainable_variables],
              [v.value.copy() for v in model.non_trainable_variables]]
-    call = jax.jit(step, donate_argnums=(0, 1)).lower(
+    call = jax.jit(sgd_step(model), donate_argnums=(0, 1)).lower(
         *state, images, labels).compile()
 
     def run():
         value, state[0], state[1] = call(*state, images, labels)
         jax.block_until_ready(value)
     return run, call
-
-
-def _call_with_losses(model, trainable, non_trainable, x):
-    """((logits, new non-trainable values), [auxiliary losses])."""
-    logits, non_trainable, losses = model.stateless_call(
-        trainable, non_trainable, x, training=True, return_losses=True)
-    return (logits, non_trainable), list(losses)
 
 
 def bare_predict(model, images):

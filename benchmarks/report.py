@@ -3,8 +3,8 @@
     python benchmarks/report.py [--quick] [--results-dir benchmarks/results]
         [--doc PERFORMANCE.md] [--print]
 
-Reads `dispatch_paths_<backend>.json`, `dispatch_scaling_<backend>.json`
-and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
+Reads `dispatch_paths_<backend>.json`, `dispatch_scaling_<backend>.json`,
+`overhead_jax.json` and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
 benchmarks/results/quick/, the smoke run's) and replaces the text
 between the markers `<!-- results:start -->` and `<!-- results:end -->`
 of the document (--print: print it instead). Every comparison (fast
@@ -85,14 +85,16 @@ def dispatch_label(row):
     return f"gather ({layout})" if layout else row["dispatcher"]
 
 
-def runs_table(paths, scaling, durations):
+def runs_table(paths, scaling, durations, overhead=None):
     seconds = {(d["script"], d["backend"]): d["seconds"]
                for d in durations.get("steps", [])}
     rows = []
     for label, results, script in (("dispatch_paths", paths,
                                     "dispatch_paths.py"),
                                    ("dispatch_scaling", scaling,
-                                    "dispatch_scaling.py")):
+                                    "dispatch_scaling.py"),
+                                   ("overhead", overhead or {},
+                                    "overhead.py")):
         for backend, r in results.items():
             rows.append([label, NAMES[backend],
                          r.get("backend_version") or DASH, r.get("keras"),
@@ -320,9 +322,59 @@ TARGETS = [
 ]
 
 
-def targets_table(paths, scaling):
+def _overhead_ratio(part):
+    """The largest Keras ÷ bare ratio of `part` over the overhead rows."""
+    def metric(overhead):
+        values = [r[f"{part}_ratio"] for r in
+                  overhead.get("jax", {}).get("rows", [])
+                  if f"{part}_ratio" in r]
+        return max(values) if values else None
+    return metric
+
+
+# As TARGETS, metric(overhead) with overhead = {backend: result} of
+# overhead.py.
+OVERHEAD_TARGETS = [
+    ("JAX, S/32 models, batch 32: `train_on_batch` (compile() defaults, "
+     "SGD) within 5% of a bare jitted value_and_grad + SGD step (the "
+     "largest ratio over ViT, V-MoE, E³; timed)", _overhead_ratio("train"),
+     lambda v: v <= 1.05, times),
+    ("JAX, S/32 models, batch 32: `predict_on_batch` within 5% of a jitted "
+     "`stateless_call` (the largest ratio; timed)", _overhead_ratio("infer"),
+     lambda v: v <= 1.05, times),
+]
+
+
+def overhead_table(result):
     rows = []
-    for text, metric, test, fmt in TARGETS:
+    for r in result["rows"]:
+        for part, name in (("infer", "predict_on_batch"),
+                           ("train", "train_on_batch")):
+            if f"{part}_ratio" not in r:
+                continue
+            rows.append([
+                NAMES.get(r["model"], r["model"]), r["batch"],
+                group_label(r), name, num(r[f"{part}_keras_ms"]),
+                num(r[f"{part}_bare_ms"]), times(r[f"{part}_ratio"]),
+                num(r.get(f"{part}_flops_ratio"), 4),
+                num(r.get(f"{part}_bytes_ratio"), 4),
+                num(r.get(f"{part}_host_ms"), 1),
+                num(r.get(f"{part}_host_ratio"), 4)])
+    return table(["model", "batch", "images / group", "Keras call",
+                  "Keras ms", "bare ms", "Keras ÷ bare (timed)",
+                  "compiled FLOPs Keras ÷ bare",
+                  "compiled bytes Keras ÷ bare",
+                  "Keras host ms per call (tiny model)",
+                  "ratio implied by the host time"], rows)
+
+
+def targets_table(paths, scaling, overhead=None):
+    rows = []
+    targets = [(text, lambda p, s, m=metric: m(p, s), test, fmt)
+               for text, metric, test, fmt in TARGETS]
+    targets += [(text, lambda p, s, m=metric: m(overhead or {}), test, fmt)
+                for text, metric, test, fmt in OVERHEAD_TARGETS]
+    for text, metric, test, fmt in targets:
         value = metric(paths, scaling)
         status = DASH if value is None else (
             "met" if test(value) else "not met")
@@ -334,6 +386,7 @@ def targets_table(paths, scaling):
 def render(results_dir, quick):
     paths = load(results_dir, "dispatch_paths")
     scaling = load(results_dir, "dispatch_scaling")
+    overhead = load(results_dir, "overhead")
     durations = {}
     run_all = os.path.join(results_dir, "run_all.json")
     if os.path.exists(run_all):
@@ -348,8 +401,12 @@ def render(results_dir, quick):
             "repeat, a tiny scaling grid, on a shared machine): it shows "
             "that every step runs and what the tables hold. Its times are "
             "not performance results.")
-    parts += ["### Runs", runs_table(paths, scaling, durations),
-              "### Targets", targets_table(paths, scaling)]
+    parts += ["### Runs", runs_table(paths, scaling, durations, overhead),
+              "### Targets", targets_table(paths, scaling, overhead)]
+    for backend, result in overhead.items():
+        parts += [f"### Keras' overhead, {NAMES[backend]}: Keras' calls vs "
+                  "bare jitted ones on the same model",
+                  overhead_table(result)]
     for backend, result in paths.items():
         parts += [f"### Models, {NAMES[backend]}", paths_table(result)]
     parts += ["### Fast path (gather) speedup over einsum, "
