@@ -98,12 +98,15 @@ def runs_table(paths, scaling, durations, overhead=None):
         for backend, r in results.items():
             rows.append([label, NAMES[backend],
                          r.get("backend_version") or DASH, r.get("keras"),
+                         r.get("device_kind", DASH),
+                         r.get("dtype_policy", "float32"),
                          r.get("cpus"), num(r.get("load_average_1min")),
                          num(r.get("matmul_peak_gflops_per_s")),
                          r.get("routing", DASH), r.get("repeats"),
                          r.get("train_repeats", DASH),
                          num(seconds.get((script, backend)))])
-    return table(["benchmark", "backend", "version", "Keras", "CPUs",
+    return table(["benchmark", "backend", "version", "Keras", "device",
+                  "dtype policy", "CPUs",
                   "load (1 min) at end", "matmul peak GFLOP/s",
                   "routers", "repeats", "train repeats", "run s"], rows)
 
