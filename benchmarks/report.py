@@ -4,7 +4,7 @@
         [--doc PERFORMANCE.md] [--print]
 
 Reads `dispatch_paths_<backend>.json`, `dispatch_scaling_<backend>.json`,
-`overhead_jax.json` and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
+`overhead_jax.json`, `moe_breakdown_jax.json` and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
 benchmarks/results/quick/, the smoke run's) and replaces the text
 between the markers `<!-- results:start -->` and `<!-- results:end -->`
 of the document (--print: print it instead). Every comparison (fast
@@ -373,6 +373,23 @@ def overhead_table(result):
                   "ratio implied by the host time"], rows)
 
 
+def breakdown_table(result):
+    rows = []
+    for r in result["rows"]:
+        layer = r["layer_ms"]
+        share = (lambda ms: f"{num(ms)} ({100 * ms / layer:.0f}%)")
+        rows.append([NAMES.get(r["model"], r["model"]), r["batch"],
+                     r["images_per_group"], share(r["router_ms"]),
+                     share(r["dispatch_ms"]), share(r["experts_ms"]),
+                     share(r["combine_ms"]), num(layer),
+                     num(r["ideal_experts_ms"]),
+                     f"{100 * r['overhead_over_ideal_share']:.0f}%"])
+    return table(["model", "batch", "images / group", "router ms",
+                  "dispatch ms (positions, layout, gather)", "experts ms",
+                  "combine ms", "layer ms", "experts on the routed rows "
+                  "alone ms", "layer time beyond that"], rows)
+
+
 def targets_table(paths, scaling, overhead=None):
     rows = []
     targets = [(text, lambda p, s, m=metric: m(p, s), test, fmt)
@@ -392,6 +409,7 @@ def render(results_dir, quick):
     paths = load(results_dir, "dispatch_paths")
     scaling = load(results_dir, "dispatch_scaling")
     overhead = load(results_dir, "overhead")
+    breakdown = load(results_dir, "moe_breakdown")
     durations = {}
     run_all = os.path.join(results_dir, "run_all.json")
     if os.path.exists(run_all):
@@ -412,6 +430,10 @@ def render(results_dir, quick):
         parts += [f"### Keras' overhead, {NAMES[backend]}: Keras' calls vs "
                   "bare jitted ones on the same model",
                   overhead_table(result)]
+    for backend, result in breakdown.items():
+        parts += [f"### An MoE layer's inference time by stage, "
+                  f"{NAMES[backend]} (first MoE layer, calls interleaved)",
+                  breakdown_table(result)]
     for backend, result in paths.items():
         parts += [f"### Models, {NAMES[backend]}", paths_table(result)]
     parts += ["### Fast path (gather) speedup over einsum, "

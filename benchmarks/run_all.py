@@ -9,7 +9,8 @@
    with --scaling-backends) -> `dispatch_scaling_<backend>.json`;
 3. `overhead.py` on JAX (with JAX among --backends): Keras'
    `train_on_batch` / `predict_on_batch` against bare jitted calls of the
-   same S/32 models -> `overhead_jax.json`;
+   same S/32 models -> `overhead_jax.json`; `moe_breakdown.py` on JAX:
+   an MoE layer's time by stage -> `moe_breakdown_jax.json`;
 4. `report.py`: the Markdown tables in PERFORMANCE.md.
 
 Results go to benchmarks/results/ (--quick: benchmarks/results/quick/).
@@ -86,6 +87,8 @@ def main(argv=None):
     if "jax" in args.backends:
         steps.append(("overhead.py", "jax",
                       ("--quick",) if args.quick else OVERHEAD))
+        steps.append(("moe_breakdown.py", "jax",
+                      ("--quick",) if args.quick else ()))
     durations, failed = [], []
     for script, backend, step_args in steps:
         name = script.removesuffix(".py")
