@@ -85,7 +85,7 @@ def dispatch_label(row):
     return f"gather ({layout})" if layout else row["dispatcher"]
 
 
-def runs_table(paths, scaling, durations, overhead=None):
+def runs_table(paths, scaling, durations, overhead=None, breakdown=None):
     seconds = {(d["script"], d["backend"]): d["seconds"]
                for d in durations.get("steps", [])}
     rows = []
@@ -94,7 +94,9 @@ def runs_table(paths, scaling, durations, overhead=None):
                                    ("dispatch_scaling", scaling,
                                     "dispatch_scaling.py"),
                                    ("overhead", overhead or {},
-                                    "overhead.py")):
+                                    "overhead.py"),
+                                   ("moe_breakdown", breakdown or {},
+                                    "moe_breakdown.py")):
         for backend, r in results.items():
             rows.append([label, NAMES[backend],
                          r.get("backend_version") or DASH, r.get("keras"),
@@ -424,7 +426,8 @@ def render(results_dir, quick):
             "repeat, a tiny scaling grid, on a shared machine): it shows "
             "that every step runs and what the tables hold. Its times are "
             "not performance results.")
-    parts += ["### Runs", runs_table(paths, scaling, durations, overhead),
+    parts += ["### Runs", runs_table(paths, scaling, durations, overhead,
+                                         breakdown),
               "### Targets", targets_table(paths, scaling, overhead)]
     for backend, result in overhead.items():
         parts += [f"### Keras' overhead, {NAMES[backend]}: Keras' calls vs "
