@@ -384,12 +384,12 @@ def overhead_table(result):
 def breakdown_table(result):
     rows = []
     for r in result["rows"]:
-        layer = r["layer_ms"]
-        share = (lambda ms: f"{num(ms)} ({100 * ms / layer:.0f}%)")
+        def share(ms, layer=r["layer_ms"]):
+            return f"{num(ms)} ({100 * ms / layer:.0f}%)"
         rows.append([NAMES.get(r["model"], r["model"]), r["batch"],
                      r["images_per_group"], share(r["router_ms"]),
                      share(r["dispatch_ms"]), share(r["experts_ms"]),
-                     share(r["combine_ms"]), num(layer),
+                     share(r["combine_ms"]), num(r["layer_ms"]),
                      num(r["ideal_experts_ms"]),
                      f"{100 * r['overhead_over_ideal_share']:.0f}%"])
     return table(["model", "batch", "images / group", "router ms",
