@@ -44,9 +44,9 @@ def timed(run, repeats, warmup=1):
     return timed_interleaved({0: run}, repeats, warmup)[0]
 
 
-def timed_interleaved(runs, repeats, warmup=1):
-    """{key: (median seconds of `repeats` calls of runs[key](), seconds of
-    its warm-up calls)}. After the warm-ups, the calls are
+def timed_interleaved(runs, repeats, warmup=1, stat=statistics.median):
+    """{key: (median (`stat`) seconds of `repeats` calls of runs[key](),
+    seconds of its warm-up calls)}. After the warm-ups, the calls are
     timed round robin (a, b, a, b, ...), so that a drift in the machine's
     speed during the measurement shifts every call alike instead of
     biasing their ratio."""
@@ -62,14 +62,14 @@ def timed_interleaved(runs, repeats, warmup=1):
             start = time.perf_counter()
             run()
             times[key].append(time.perf_counter() - start)
-    return {key: (statistics.median(times[key]), first[key])
-            for key in runs}
+    return {key: (stat(times[key]), first[key]) for key in runs}
 
 
 def block(tree):
     """Waits until every array in `tree` is computed: JAX dispatches
     asynchronously; TensorFlow's tensors are read back (as the original
-    benchmark did); PyTorch on CPU returns finished tensors."""
+    benchmark did); PyTorch on CPU returns finished tensors, on a GPU its
+    stream is synchronised."""
     name = backend()
     if name == "jax":
         import jax
@@ -79,7 +79,40 @@ def block(tree):
         import tensorflow as tf
 
         return tf.nest.map_structure(lambda t: t.numpy(), tree)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return tree
+
+
+def device():
+    """{"platform": "cpu" / "gpu" / "tpu", "kind": the device's name} of
+    the device this backend computes on: JAX's first device, TensorFlow's
+    first GPU if it sees one, PyTorch's CUDA device if available (Keras
+    places tensors there), else the CPU."""
+    name = backend()
+    if name == "jax":
+        import jax
+
+        first = jax.devices()[0]
+        return dict(platform=first.platform, kind=first.device_kind)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return dict(platform="gpu",
+                        kind=details.get("device_name", gpus[0].name))
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            return dict(platform="gpu",
+                        kind=torch.cuda.get_device_name(0))
+    return dict(platform="cpu", kind=platform.processor() or
+                platform.machine())
 
 
 def memory_fields(compiled):
@@ -124,15 +157,17 @@ def compile_call(fn, *args, donate_argnums=()):
     return call, None
 
 
-def matmul_peak(repeats=5):
-    """GFLOP/s of a compiled fp32 2048^3 matmul on this backend (PyTorch:
-    eager), the reference for the useful-FLOP rates: median of `repeats`
-    calls (about 0.1 s each) after a warm-up."""
+def matmul_peak(repeats=5, dtype="float32", size=None):
+    """GFLOP/s of a compiled `dtype` size^3 matmul (default 2048; 8192 on
+    a GPU, which a 2048 product does not fill) on this backend's device
+    (PyTorch: eager), the reference for the useful-FLOP rates: median of
+    `repeats` calls after a warm-up."""
     import keras
 
-    n = MATMUL_SIZE
-    a = keras.random.normal((n, n))
-    b = keras.random.normal((n, n))
+    n = size or (4 * MATMUL_SIZE if device()["platform"] != "cpu"
+                 else MATMUL_SIZE)
+    a = keras.random.normal((n, n), dtype=dtype)
+    b = keras.random.normal((n, n), dtype=dtype)
     call, _ = compile_call(lambda x, y: x @ y, a, b)
     seconds, _ = timed(lambda: block(call(a, b)), repeats)
     return 2 * n ** 3 / seconds / 1e9
@@ -149,10 +184,27 @@ def run_info(**extra):
     if module:
         version = getattr(__import__(module), "__version__", None)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    found = device()
     return dict(backend=name, backend_version=version,
                 keras=keras.version(), python=platform.python_version(),
                 machine=platform.machine(), cpus=os.cpu_count(),
+                device_platform=found["platform"], device_kind=found["kind"],
+                dtype_policy=keras.config.dtype_policy().name,
                 load_average_1min=load, **extra)
+
+
+DTYPES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+def set_dtype(dtype):
+    """Runs the models about to be built in `dtype`: "float32", or
+    "bfloat16" (Keras' mixed_bfloat16 policy: bf16 computation, float32
+    weights, as mixed-precision training runs on a GPU or TPU). Returns
+    the matmul dtype of the peak to compare with."""
+    import keras
+
+    keras.config.set_dtype_policy(DTYPES[dtype])
+    return dtype
 
 
 def emit(result, out=None):

@@ -59,6 +59,7 @@ from _common import emit
 from _common import emit_row
 from _common import matmul_peak
 from _common import run_info
+from _common import set_dtype
 from _common import timed_interleaved
 from _routing import route
 
@@ -319,6 +320,10 @@ def parse(argv):
                         "that the experts' loads are even as after "
                         "training (default), or as initialised (a quarter "
                         "to a third of the choices dropped)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        default="float32", help="bfloat16: the models in "
+                        "Keras' mixed_bfloat16 policy, the peak a bf16 "
+                        "matmul (for a GPU or TPU)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.quick:
@@ -335,7 +340,8 @@ def parse(argv):
 def main(argv=None):
     args = parse(argv)
     rng = np.random.default_rng(0)
-    peak_start = matmul_peak(max(5, args.repeats))
+    dtype = set_dtype(args.dtype)
+    peak_start = matmul_peak(max(5, args.repeats), dtype)
     rows = []
     for batch in args.batches:
         images = ops.convert_to_tensor(
@@ -346,7 +352,7 @@ def main(argv=None):
     # The peak is measured again at the end and the higher of the two is
     # the reference: a slow moment during one measurement must not inflate
     # the useful-FLOP shares.
-    peak_end = matmul_peak(max(5, args.repeats))
+    peak_end = matmul_peak(max(5, args.repeats), dtype)
     peak = max(peak_start, peak_end)
     for row in rows:
         row["infer_peak_fraction"] = round(

@@ -3,8 +3,8 @@
     python benchmarks/report.py [--quick] [--results-dir benchmarks/results]
         [--doc PERFORMANCE.md] [--print]
 
-Reads `dispatch_paths_<backend>.json`, `dispatch_scaling_<backend>.json`
-and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
+Reads `dispatch_paths_<backend>.json`, `dispatch_scaling_<backend>.json`,
+`overhead_jax.json`, `moe_breakdown_jax.json` and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
 benchmarks/results/quick/, the smoke run's) and replaces the text
 between the markers `<!-- results:start -->` and `<!-- results:end -->`
 of the document (--print: print it instead). Every comparison (fast
@@ -85,23 +85,30 @@ def dispatch_label(row):
     return f"gather ({layout})" if layout else row["dispatcher"]
 
 
-def runs_table(paths, scaling, durations):
+def runs_table(paths, scaling, durations, overhead=None, breakdown=None):
     seconds = {(d["script"], d["backend"]): d["seconds"]
                for d in durations.get("steps", [])}
     rows = []
     for label, results, script in (("dispatch_paths", paths,
                                     "dispatch_paths.py"),
                                    ("dispatch_scaling", scaling,
-                                    "dispatch_scaling.py")):
+                                    "dispatch_scaling.py"),
+                                   ("overhead", overhead or {},
+                                    "overhead.py"),
+                                   ("moe_breakdown", breakdown or {},
+                                    "moe_breakdown.py")):
         for backend, r in results.items():
             rows.append([label, NAMES[backend],
                          r.get("backend_version") or DASH, r.get("keras"),
+                         r.get("device_kind", DASH),
+                         r.get("dtype_policy", "float32"),
                          r.get("cpus"), num(r.get("load_average_1min")),
                          num(r.get("matmul_peak_gflops_per_s")),
                          r.get("routing", DASH), r.get("repeats"),
                          r.get("train_repeats", DASH),
                          num(seconds.get((script, backend)))])
-    return table(["benchmark", "backend", "version", "Keras", "CPUs",
+    return table(["benchmark", "backend", "version", "Keras", "device",
+                  "dtype policy", "CPUs",
                   "load (1 min) at end", "matmul peak GFLOP/s",
                   "routers", "repeats", "train repeats", "run s"], rows)
 
@@ -320,9 +327,84 @@ TARGETS = [
 ]
 
 
-def targets_table(paths, scaling):
+def _overhead_ratio(part, field="ratio"):
+    """The largest Keras ÷ bare ratio of `part` over the overhead rows
+    (`field`: "ratio" of the medians, "min_ratio" of the fastest calls)."""
+    def metric(overhead):
+        values = [r[f"{part}_{field}"] for r in
+                  overhead.get("jax", {}).get("rows", [])
+                  if f"{part}_{field}" in r]
+        return max(values) if values else None
+    return metric
+
+
+# As TARGETS, metric(overhead) with overhead = {backend: result} of
+# overhead.py.
+OVERHEAD_TARGETS = [
+    ("JAX, S/32 models, batch 32: `train_on_batch` (compile() defaults, "
+     "SGD) within 5% of a bare jitted value_and_grad + SGD step (the "
+     "largest ratio over ViT, V-MoE, E³; timed)", _overhead_ratio("train"),
+     lambda v: v <= 1.05, times),
+    ("JAX, S/32 models, batch 32: `predict_on_batch` within 5% of a jitted "
+     "`stateless_call` (the largest ratio; timed)", _overhead_ratio("infer"),
+     lambda v: v <= 1.05, times),
+    ("The same two, the ratio of the fastest calls (the least disturbed "
+     "on a loaded machine): `train_on_batch`",
+     _overhead_ratio("train", "min_ratio"), lambda v: v <= 1.05, times),
+    ("… and `predict_on_batch`, fastest calls",
+     _overhead_ratio("infer", "min_ratio"), lambda v: v <= 1.05, times),
+]
+
+
+def overhead_table(result):
     rows = []
-    for text, metric, test, fmt in TARGETS:
+    for r in result["rows"]:
+        for part, name in (("infer", "predict_on_batch"),
+                           ("train", "train_on_batch")):
+            if f"{part}_ratio" not in r:
+                continue
+            rows.append([
+                NAMES.get(r["model"], r["model"]), r["batch"],
+                group_label(r), name, num(r[f"{part}_keras_ms"]),
+                num(r[f"{part}_bare_ms"]), times(r[f"{part}_ratio"]),
+                times(r.get(f"{part}_min_ratio")),
+                num(r.get(f"{part}_flops_ratio"), 4),
+                num(r.get(f"{part}_bytes_ratio"), 4),
+                num(r.get(f"{part}_host_ms"), 1),
+                num(r.get(f"{part}_host_ratio"), 4)])
+    return table(["model", "batch", "images / group", "Keras call",
+                  "Keras ms", "bare ms", "Keras ÷ bare (medians)",
+                  "Keras ÷ bare (fastest calls)",
+                  "compiled FLOPs Keras ÷ bare",
+                  "compiled bytes Keras ÷ bare",
+                  "Keras host ms per call (tiny model)",
+                  "ratio implied by the host time"], rows)
+
+
+def breakdown_table(result):
+    rows = []
+    for r in result["rows"]:
+        def share(ms, layer=r["layer_ms"]):
+            return f"{num(ms)} ({100 * ms / layer:.0f}%)"
+        rows.append([NAMES.get(r["model"], r["model"]), r["batch"],
+                     r["images_per_group"], share(r["router_ms"]),
+                     share(r["dispatch_ms"]), share(r["experts_ms"]),
+                     share(r["combine_ms"]), num(r["layer_ms"]),
+                     num(r["ideal_experts_ms"]),
+                     f"{100 * r['overhead_over_ideal_share']:.0f}%"])
+    return table(["model", "batch", "images / group", "router ms",
+                  "dispatch ms (positions, layout, gather)", "experts ms",
+                  "combine ms", "layer ms", "experts on the routed rows "
+                  "alone ms", "layer time beyond that"], rows)
+
+
+def targets_table(paths, scaling, overhead=None):
+    rows = []
+    targets = [(text, lambda p, s, m=metric: m(p, s), test, fmt)
+               for text, metric, test, fmt in TARGETS]
+    targets += [(text, lambda p, s, m=metric: m(overhead or {}), test, fmt)
+                for text, metric, test, fmt in OVERHEAD_TARGETS]
+    for text, metric, test, fmt in targets:
         value = metric(paths, scaling)
         status = DASH if value is None else (
             "met" if test(value) else "not met")
@@ -334,6 +416,8 @@ def targets_table(paths, scaling):
 def render(results_dir, quick):
     paths = load(results_dir, "dispatch_paths")
     scaling = load(results_dir, "dispatch_scaling")
+    overhead = load(results_dir, "overhead")
+    breakdown = load(results_dir, "moe_breakdown")
     durations = {}
     run_all = os.path.join(results_dir, "run_all.json")
     if os.path.exists(run_all):
@@ -348,8 +432,17 @@ def render(results_dir, quick):
             "repeat, a tiny scaling grid, on a shared machine): it shows "
             "that every step runs and what the tables hold. Its times are "
             "not performance results.")
-    parts += ["### Runs", runs_table(paths, scaling, durations),
-              "### Targets", targets_table(paths, scaling)]
+    parts += ["### Runs", runs_table(paths, scaling, durations, overhead,
+                                         breakdown),
+              "### Targets", targets_table(paths, scaling, overhead)]
+    for backend, result in overhead.items():
+        parts += [f"### Keras' overhead, {NAMES[backend]}: Keras' calls vs "
+                  "bare jitted ones on the same model",
+                  overhead_table(result)]
+    for backend, result in breakdown.items():
+        parts += [f"### An MoE layer's inference time by stage, "
+                  f"{NAMES[backend]} (first MoE layer, calls interleaved)",
+                  breakdown_table(result)]
     for backend, result in paths.items():
         parts += [f"### Models, {NAMES[backend]}", paths_table(result)]
     parts += ["### Fast path (gather) speedup over einsum, "

@@ -7,7 +7,11 @@
    in its own process (KERAS_BACKEND set) -> `dispatch_paths_<backend>.json`;
 2. `dispatch_scaling.py` on JAX (memory is measured there; add backends
    with --scaling-backends) -> `dispatch_scaling_<backend>.json`;
-3. `report.py`: the Markdown tables in PERFORMANCE.md.
+3. `overhead.py` on JAX (with JAX among --backends): Keras'
+   `train_on_batch` / `predict_on_batch` against bare jitted calls of the
+   same S/32 models -> `overhead_jax.json`; `moe_breakdown.py` on JAX:
+   an MoE layer's time by stage -> `moe_breakdown_jax.json`;
+4. `report.py`: the Markdown tables in PERFORMANCE.md.
 
 Results go to benchmarks/results/ (--quick: benchmarks/results/quick/).
 
@@ -39,6 +43,8 @@ PLANS = {
     "torch": ("--groups", "8", "--models", *SINGLE_MODELS, *TRAIN),
 }
 SCALING = ("--experts",)
+# Keras' train_on_batch / predict_on_batch vs bare jitted calls (JAX only).
+OVERHEAD = ("--batch", "32")
 
 
 def run_step(script, backend, args, out):
@@ -78,6 +84,11 @@ def main(argv=None):
     steps += [("dispatch_scaling.py", backend,
                ("--quick", *SCALING) if args.quick else SCALING)
               for backend in args.scaling_backends]
+    if "jax" in args.backends:
+        steps.append(("overhead.py", "jax",
+                      ("--quick",) if args.quick else OVERHEAD))
+        steps.append(("moe_breakdown.py", "jax",
+                      ("--quick",) if args.quick else ()))
     durations, failed = [], []
     for script, backend, step_args in steps:
         name = script.removesuffix(".py")

@@ -27,6 +27,7 @@ import math
 from keras import ops
 
 from keras_e3.layers.portable_ops import one_hot
+from keras_e3.layers.portable_ops import scatter
 from keras_e3.layers.portable_ops import top_k
 
 DISPATCHERS = ("einsum", "gather", "auto")
@@ -219,7 +220,7 @@ class GatherDispatcher(Dispatcher):
                         (1, -1, 1)), shape)
         indices = ops.reshape(ops.stack(
             [rows, ops.cast(self.slot, "int32")], axis=-1), (-1, 2))
-        owner = ops.scatter(indices, ops.reshape(tokens, (-1,)),
+        owner = scatter(indices, ops.reshape(tokens, (-1,)),
                             (groups, num_slots + 1))[:, :num_slots] - 1
         # Empty slots read row `group_size`, a zero row appended to x.
         self.source = ops.where(owner < 0, group_size, owner)
@@ -317,7 +318,7 @@ class TiledDispatcher(Dispatcher):
         tokens = ops.broadcast_to(ops.reshape(
             ops.arange(num_tokens, dtype="int32") + 1,
             (groups, group_size, 1)), ops.shape(self.row))
-        owner = ops.scatter(
+        owner = scatter(
             ops.reshape(ops.cast(self.row, "int32"), (-1, 1)),
             ops.reshape(tokens, (-1,)), (num_rows + 1,))[:num_rows] - 1
         self.source = ops.where(owner < 0, num_tokens, owner)

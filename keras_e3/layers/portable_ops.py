@@ -1,4 +1,5 @@
-"""`top_k` and `one_hot` written with ops that every export format reads.
+"""`top_k` and `one_hot` written with ops that every export format reads;
+`scatter` without Keras' per-index Python loop on PyTorch.
 
 The routing of an exported model runs outside Keras: in TensorFlow loading
 a SavedModel, in ONNX Runtime, in the LiteRT interpreter. These two ops
@@ -45,3 +46,25 @@ def one_hot(indices, depth, dtype="float32"):
     hot = ops.equal(ops.expand_dims(indices, -1),
                     ops.arange(depth, dtype=dtype_of_indices))
     return hot if dtype == "bool" else ops.cast(hot, dtype)
+
+
+def scatter(indices, values, shape):
+    """`ops.scatter(indices, values, shape)`: zeros of `shape` with
+    `values` added at `indices` [N, index depth] (repeated indices add up).
+
+    On PyTorch one `index_put_(..., accumulate=True)`: Keras' torch
+    `scatter` adds the N values one by one in a Python loop (N = G·S·K
+    routed choices per MoE layer, thousands of small tensor ops a call)."""
+    import keras
+
+    if keras.backend.backend() != "torch":
+        return ops.scatter(indices, values, shape)
+    import torch
+
+    indices = ops.convert_to_tensor(indices)
+    values = ops.convert_to_tensor(values)
+    out = torch.zeros(tuple(shape), dtype=values.dtype,
+                      device=values.device)
+    index = tuple(indices.reshape(-1, indices.shape[-1]).long().unbind(-1))
+    return out.index_put_(index, values.reshape(
+        -1, *out.shape[indices.shape[-1]:]), accumulate=True)

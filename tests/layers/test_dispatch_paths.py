@@ -358,3 +358,20 @@ def test_tiled_training_step_under_jit(rng):
     for a, b in zip(reference.weights, tiled.weights):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5,
                                    atol=1e-5, err_msg=a.path)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_portable_scatter_adds_repeated_indices(rng, depth):
+    """`portable_ops.scatter` (one index_put_ on PyTorch) equals
+    ops.scatter: zeros with the values added, repeated indices summed."""
+    from keras_e3.layers.portable_ops import scatter
+
+    shape = (3, 5, 2)[:depth] + (2,)
+    indices = rng.integers(0, 3, (40, depth)).astype("int32")
+    values = rng.integers(1, 9, (40, 2)).astype("int32")
+    expected = np.zeros(shape, "int32")
+    np.add.at(expected, tuple(indices.T), values)
+    assert len({tuple(i) for i in indices}) < len(indices)  # repeats
+    out = scatter(indices, values, shape)
+    assert keras.backend.standardize_dtype(out.dtype) == "int32"
+    np.testing.assert_array_equal(to_numpy(out), expected)
