@@ -55,11 +55,30 @@ def missing_fixture_skips(stdout):
             if line.startswith("SKIPPED") and MISSING_FIXTURE.search(line)]
 
 
-def _start(i, backend, extra):
-    """Starts pytest on `backend` (the i-th); returns the job."""
-    # Backend-independent tests (pure NumPy, file formats) run once.
-    restricted = not (i == 0 or "-m" in extra)
-    select = ["-m", "not single_backend"] if restricted else []
+def plan(backends, extra, jobs):
+    """The pytest runs: (backend, label, marker selection, restricted).
+
+    Backend-independent tests (`single_backend`: pure NumPy, file formats,
+    multi-device subprocesses) run on the first backend only. With more
+    than one job they are a run of their own beside the first backend's
+    other tests, so that the longest backend is not also the one that
+    runs them all."""
+    if "-m" in extra:
+        return [(b, b, [], False) for b in backends]
+    first, rest = backends[0], backends[1:]
+    later = [(b, b, ["-m", "not single_backend"], True) for b in rest]
+    if jobs == 1 or not rest:
+        return [(first, first, [], False)] + later
+    # Either half may select nothing (main() still fails a run in which
+    # no test ran at all).
+    return ([(first, first, ["-m", "not single_backend"], True)] + later
+            + [(first, f"{first} (single_backend tests)",
+                ["-m", "single_backend"], True)])
+
+
+def _start(run, extra):
+    """Starts one planned pytest run; returns the job."""
+    backend, label, select, restricted = run
     env = dict(os.environ, KERAS_BACKEND=backend,
                PYTHONPATH=os.pathsep.join(
                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -73,7 +92,7 @@ def _start(i, backend, extra):
     out = {}
     threads = [_drain(proc.stdout, out, "stdout"),
                _drain(proc.stderr, out, "stderr")]
-    return backend, restricted, proc, out, threads, time.monotonic()
+    return label, restricted, proc, out, threads, time.monotonic()
 
 
 def _drain(stream, out, key):
@@ -141,12 +160,11 @@ def main(argv):
         return 1
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     problems = []
-    pending = list(enumerate(backends))
+    pending = plan(backends, extra, jobs)
     running = []
     while pending or running:
         while pending and len(running) < jobs:
-            i, backend = pending.pop(0)
-            running.append(_start(i, backend, extra))
+            running.append(_start(pending.pop(0), extra))
         time.sleep(0.5)
         for job in [j for j in running if j[2].poll() is not None]:
             running.remove(job)
@@ -155,6 +173,8 @@ def main(argv):
                 problems.append(problem)
             for key in totals:
                 totals[key] += (counts or {}).get(key, 0)
+    if not totals["passed"] + totals["failed"] + totals["error"]:
+        problems.append("no test ran on any backend")
     failed = totals["failed"] + totals["error"]
     print(f"{totals['passed']} passed, {failed} failed, "
           f"{totals['skipped']} skipped")

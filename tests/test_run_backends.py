@@ -64,10 +64,25 @@ def test_backends_side_by_side_add_up(tmp_path, target):
     code, out = run(FIXTURES, target, "-k", "plain",
                     backends=("numpy", "numpy", "numpy"), jobs=2)
     assert code == 0, out
-    assert out.count("=== KERAS_BACKEND=numpy") == 3
+    assert out.count("=== KERAS_BACKEND=numpy") == 4  # 3 + single_backend
     assert "3 passed, 0 failed, 0 skipped" in out
     code, out = run(tmp_path, target, backends=("numpy", "numpy"), jobs=2)
     assert code != 0 and "missing golden fixtures" in out, out
+    code, out = run(FIXTURES, target, "-k", "no_such_test",
+                    backends=("numpy", "numpy"), jobs=2)
+    assert code != 0 and "no test ran" in out, out
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_single_backend_tests_run_once(jobs):
+    """On the first backend only; with 2 jobs as a run of their own."""
+    runs = run_backends.plan(["jax", "tensorflow", "torch"], [], jobs)
+    assert [r[0] for r in runs].count("tensorflow") == 1
+    selections = [(r[0], " ".join(r[2])) for r in runs]
+    single = [b for b, sel in selections
+              if sel in ("", "-m single_backend")]
+    assert single == ["jax"]
+    assert len(runs) == 3 + (jobs > 1)
 
 
 def test_fails_when_a_fixture_is_missing(tmp_path, target):
