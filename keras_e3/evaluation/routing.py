@@ -65,22 +65,19 @@ def routing_stats(model, images, batch_size=64):
         b = batch.shape[0]
 
         def per_token(x):  # routing groups [G, S, E] -> [b, M, T, E]
-            x = ungroup(np.asarray(keras.ops.convert_to_numpy(x)),
-                        b * tokens * m, tokens, m)
+            x = ungroup(x, b * tokens * m, tokens, m)
             return np.reshape(x, (b, m, tokens, num_experts))
 
         for name, out in route(batch).items():
             if router == "soft":
-                weight = per_token(np.asarray(keras.ops.convert_to_numpy(
-                    out["combine_weights"]), np.float64).sum(-1))
+                weight = per_token(_numpy(out["combine_weights"],
+                                          np.float64).sum(-1))
                 token = {"top_expert": np.argmax(weight, axis=-1),
                          "top_expert_weight": np.max(weight, axis=-1)}
                 load = weight.sum(axis=(0, 1, 2))
             else:
-                served = per_token(np.asarray(keras.ops.convert_to_numpy(
-                    out["dispatch_mask"])).any(-1))
-                gates = per_token(np.asarray(keras.ops.convert_to_numpy(
-                    out["gates"]), np.float64))
+                served = per_token(_numpy(out["dispatch_mask"]).any(-1))
+                gates = per_token(_numpy(out["gates"], np.float64))
                 best = np.argmax(np.where(served, gates, -np.inf), axis=-1)
                 token = {"top_expert": np.where(served.any(-1), best, -1),
                          "num_experts": served.sum(-1)}
@@ -112,6 +109,10 @@ def routing_stats(model, images, batch_size=64):
                 np.mean(token["top_expert_weight"]))
         layers[name] = layer
     return {"num_examples": int(n), "layers": layers}
+
+
+def _numpy(x, dtype=None):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype)
 
 
 def _uniform_load(backbone, router):

@@ -221,7 +221,7 @@ class GatherDispatcher(Dispatcher):
         indices = ops.reshape(ops.stack(
             [rows, ops.cast(self.slot, "int32")], axis=-1), (-1, 2))
         owner = scatter(indices, ops.reshape(tokens, (-1,)),
-                            (groups, num_slots + 1))[:, :num_slots] - 1
+                        (groups, num_slots + 1))[:, :num_slots] - 1
         # Empty slots read row `group_size`, a zero row appended to x.
         self.source = ops.where(owner < 0, group_size, owner)
 
@@ -256,7 +256,7 @@ class GatherDispatcher(Dispatcher):
     def dispatch_mask(self):
         num_slots = self.num_experts * self.capacity
         chosen = ops.sum(one_hot(self.slot, num_slots + 1,
-                                     dtype="int32"), axis=2)[..., :num_slots]
+                                 dtype="int32"), axis=2)[..., :num_slots]
         shape = ops.shape(chosen)
         return ops.reshape(chosen > 0, (shape[0], shape[1], self.num_experts,
                                         self.capacity))
