@@ -15,7 +15,10 @@ of the tokens), `+experts` (the experts' MLP on those rows) and `layer`
 (the whole layer: + combine and ungrouping). The stages are their
 differences. `ideal_experts_ms` is the experts' MLP alone on exactly the
 routed rows (G·S·K, split evenly over the experts, batched): what the
-useful FLOPs cost at the experts' own matmul speed. Prints JSON.
+useful FLOPs cost at the experts' own matmul speed; `dense_mlp_ms` is
+the same rows through one expert's MLP as a single [G·S·K, H] product,
+the shape a dense model's MLP has: `ideal_over_dense` is what splitting
+the rows into E smaller products costs by itself. Prints JSON.
 """
 
 import argparse
@@ -58,6 +61,22 @@ def prefixes(mlp):
     return {stage: (lambda x, s=stage: run(x, s)) for stage in STAGES}
 
 
+def dense_mlp(experts, rows):
+    """One expert's MLP (expert 0's weights) over all `rows` [N, H] as two
+    unbatched matmuls: the same FLOPs as the experts on the routed rows,
+    at the shape of a dense model's MLP, whose one [N, H] x [H, F] product
+    is E times taller than each expert's."""
+    from keras import ops
+
+    from keras_e3.layers.expert_tiles import gelu
+
+    kernel_0, bias_0, kernel_1, bias_1 = (
+        w.value[0] for w in (experts.kernel_0, experts.bias_0,
+                             experts.kernel_1, experts.bias_1))
+    return ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0),
+                      kernel_1) + bias_1
+
+
 def compiled(layer, fn, *args):
     """run(): fn(*args) jitted with the layer's weights as arguments."""
     import jax
@@ -96,6 +115,9 @@ def measure(name, batch, args):
             for stage, fn in prefixes(mlp).items()}
     runs["ideal_experts"] = compiled(
         mlp, lambda r: mlp.experts(r, training=False), ideal_rows)
+    runs["dense_mlp"] = compiled(
+        mlp, lambda r: dense_mlp(mlp.experts, r),
+        keras.ops.reshape(ideal_rows, (-1, x.shape[-1])))
     times = {k: 1e3 * v[0] for k, v in
              timed_interleaved(runs, args.repeats).items()}
     row = dict(model=name, batch=batch, images_per_group=8,
@@ -107,9 +129,12 @@ def measure(name, batch, args):
                experts_ms=round(times["+experts"] - times["+dispatch"], 2),
                combine_ms=round(times["layer"] - times["+experts"], 2),
                layer_ms=round(times["layer"], 2),
-               ideal_experts_ms=round(times["ideal_experts"], 2))
+               ideal_experts_ms=round(times["ideal_experts"], 2),
+               dense_mlp_ms=round(times["dense_mlp"], 2))
     row["overhead_over_ideal_share"] = round(
         1 - row["ideal_experts_ms"] / row["layer_ms"], 3)
+    row["ideal_over_dense"] = round(
+        row["ideal_experts_ms"] / row["dense_mlp_ms"], 3)
     emit_row(row)
     return row
 

@@ -4,7 +4,8 @@
         [--doc PERFORMANCE.md] [--print]
 
 Reads `dispatch_paths_<backend>.json`, `dispatch_scaling_<backend>.json`,
-`overhead_jax.json`, `moe_breakdown_jax.json` and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
+`overhead_jax.json`, `moe_breakdown_jax.json`, `backends_<backend>.json`
+and `run_all.json` (whichever exist) from benchmarks/results/ (--quick:
 benchmarks/results/quick/, the smoke run's) and replaces the text
 between the markers `<!-- results:start -->` and `<!-- results:end -->`
 of the document (--print: print it instead). Every comparison (fast
@@ -85,7 +86,8 @@ def dispatch_label(row):
     return f"gather ({layout})" if layout else row["dispatcher"]
 
 
-def runs_table(paths, scaling, durations, overhead=None, breakdown=None):
+def runs_table(paths, scaling, durations, overhead=None, breakdown=None,
+               backends=None):
     seconds = {(d["script"], d["backend"]): d["seconds"]
                for d in durations.get("steps", [])}
     rows = []
@@ -96,7 +98,9 @@ def runs_table(paths, scaling, durations, overhead=None, breakdown=None):
                                    ("overhead", overhead or {},
                                     "overhead.py"),
                                    ("moe_breakdown", breakdown or {},
-                                    "moe_breakdown.py")):
+                                    "moe_breakdown.py"),
+                                   ("backends", backends or {},
+                                    "backends.py")):
         for backend, r in results.items():
             rows.append([label, NAMES[backend],
                          r.get("backend_version") or DASH, r.get("keras"),
@@ -297,6 +301,21 @@ def _tf_over_jax(paths, scaling):
     return None
 
 
+def _share_gap(paths, scaling):
+    """The dense ViT S/32's useful-FLOP share of the matmul peak less
+    E³ S/32's (gather, groups of 8 images), JAX inference, the larger of
+    batch 32 and 128 (in points of the peak)."""
+    gaps = []
+    for batch in (32, 128):
+        dense = _row(paths, "jax", "vit_s32", batch, None, "-")
+        e3 = _row(paths, "jax", "e3_s32", batch, 8, "gather")
+        if dense.get("infer_peak_fraction") and e3.get(
+                "infer_peak_fraction"):
+            gaps.append(100 * (dense["infer_peak_fraction"]
+                               - e3["infer_peak_fraction"]))
+    return max(gaps) if gaps else None
+
+
 def _torch_reported(paths, scaling):
     row = _row(paths, "torch", "e3_s32", 128, 8, "einsum") or \
         _row(paths, "torch", "e3_s32", 32, 8, "einsum")
@@ -316,6 +335,10 @@ TARGETS = [
     ("E³ S/32 inference, TensorFlow (XLA) within 1.25× of JAX (gather, "
      "groups of 8; batch 128, else 32)", _tf_over_jax, lambda v: v <= 1.25,
      times),
+    ("E³ S/32 inference, JAX, groups of 8: useful-FLOP share of the "
+     "matmul peak within 3 points of the dense ViT S/32's (the larger gap "
+     "of batch 32 and 128)", _share_gap, lambda v: v <= 3.0,
+     lambda v: f"{v:.1f} points"),
     ("E³ S/32 on PyTorch runs and is reported (eager, einsum, groups of 8; "
      "ms per batch)", _torch_reported, lambda v: v > 0, num),
     ("E³ S/32 training step, JAX, groups of 8: gather ≥ 1.3× einsum "
@@ -356,6 +379,60 @@ OVERHEAD_TARGETS = [
 ]
 
 
+def _backends_row(backends, backend, model):
+    for row in backends.get(backend, {}).get("rows", []):
+        if row["model"] == model and not row.get("without_xla"):
+            return row
+    return {}
+
+
+def _predict_over_jax(backends):
+    """TensorFlow's `predict_on_batch` time ÷ JAX's, E³ S/32."""
+    return ratio(_backends_row(backends, "tensorflow", "e3_s32").get(
+        "predict_ms"), _backends_row(backends, "jax", "e3_s32").get(
+        "predict_ms"))
+
+
+def _e3_vs_dense_torch_over_jax(backends):
+    """PyTorch's E³ ÷ dense throughput ratio ÷ JAX's."""
+    return ratio(*(_backends_row(backends, b, "e3_s32").get(
+        "throughput_vs_dense") for b in ("torch", "jax")))
+
+
+# As TARGETS, metric(backends) with backends = {backend: result} of
+# backends.py (`predict_on_batch`, defaults, batch 32).
+BACKENDS_TARGETS = [
+    ("E³ S/32 `predict_on_batch` at batch 32 (every setting at its "
+     "default): TensorFlow within 1.25× of JAX's time", _predict_over_jax,
+     lambda v: v <= 1.25, times),
+    ("… PyTorch's E³ ÷ dense ViT throughput ratio at JAX's (PyTorch's "
+     "ratio ÷ JAX's ≥ 1)", _e3_vs_dense_torch_over_jax,
+     lambda v: v >= 1.0, times),
+]
+
+
+def backends_predict_table(backends):
+    rows = []
+    for backend, result in backends.items():
+        for r in result["rows"]:
+            jax_row = _backends_row(backends, "jax", r["model"])
+            jit = "yes" if r["jit_compile"] else "no"
+            if r.get("without_xla"):
+                jit = "no (set: Keras' own \"auto\" on a CPU)"
+            rows.append([
+                NAMES[backend], NAMES.get(r["model"], r["model"]),
+                r["batch"], r["dispatcher"] or DASH, jit,
+                num(r["predict_ms"]),
+                num(r["images_per_s"]),
+                times(ratio(r["predict_ms"], jax_row.get("predict_ms"))),
+                f"{100 * r['peak_fraction']:.0f}%",
+                num(r.get("throughput_vs_dense"), 2)])
+    return table(["backend", "model", "batch", "dispatch (auto)",
+                  "jit_compile (auto)", "ms", "images / s", "÷ JAX (time)",
+                  "useful share of the backend's matmul peak",
+                  "images / s ÷ dense ViT's"], rows)
+
+
 def overhead_table(result):
     rows = []
     for r in result["rows"]:
@@ -391,19 +468,25 @@ def breakdown_table(result):
                      share(r["dispatch_ms"]), share(r["experts_ms"]),
                      share(r["combine_ms"]), num(r["layer_ms"]),
                      num(r["ideal_experts_ms"]),
-                     f"{100 * r['overhead_over_ideal_share']:.0f}%"])
+                     f"{100 * r['overhead_over_ideal_share']:.0f}%",
+                     num(r.get("dense_mlp_ms")),
+                     times(r.get("ideal_over_dense"))])
     return table(["model", "batch", "images / group", "router ms",
                   "dispatch ms (positions, layout, gather)", "experts ms",
                   "combine ms", "layer ms", "experts on the routed rows "
-                  "alone ms", "layer time beyond that"], rows)
+                  "alone ms", "layer time beyond that",
+                  "the same rows through one dense MLP ms",
+                  "routed rows alone ÷ one dense MLP"], rows)
 
 
-def targets_table(paths, scaling, overhead=None):
+def targets_table(paths, scaling, overhead=None, backends=None):
     rows = []
     targets = [(text, lambda p, s, m=metric: m(p, s), test, fmt)
                for text, metric, test, fmt in TARGETS]
     targets += [(text, lambda p, s, m=metric: m(overhead or {}), test, fmt)
                 for text, metric, test, fmt in OVERHEAD_TARGETS]
+    targets += [(text, lambda p, s, m=metric: m(backends or {}), test, fmt)
+                for text, metric, test, fmt in BACKENDS_TARGETS]
     for text, metric, test, fmt in targets:
         value = metric(paths, scaling)
         status = DASH if value is None else (
@@ -418,6 +501,7 @@ def render(results_dir, quick):
     scaling = load(results_dir, "dispatch_scaling")
     overhead = load(results_dir, "overhead")
     breakdown = load(results_dir, "moe_breakdown")
+    backends = load(results_dir, "backends")
     durations = {}
     run_all = os.path.join(results_dir, "run_all.json")
     if os.path.exists(run_all):
@@ -433,8 +517,13 @@ def render(results_dir, quick):
             "that every step runs and what the tables hold. Its times are "
             "not performance results.")
     parts += ["### Runs", runs_table(paths, scaling, durations, overhead,
-                                         breakdown),
-              "### Targets", targets_table(paths, scaling, overhead)]
+                                         breakdown, backends),
+              "### Targets", targets_table(paths, scaling, overhead,
+                                           backends)]
+    if backends:
+        parts += ["### `predict_on_batch` by backend (every setting at its "
+                  "default, run one backend after the other)",
+                  backends_predict_table(backends)]
     for backend, result in overhead.items():
         parts += [f"### Keras' overhead, {NAMES[backend]}: Keras' calls vs "
                   "bare jitted ones on the same model",

@@ -84,6 +84,8 @@ def main(argv=None):
     steps += [("dispatch_scaling.py", backend,
                ("--quick", *SCALING) if args.quick else SCALING)
               for backend in args.scaling_backends]
+    steps += [("backends.py", backend, ("--quick",) if args.quick else ())
+              for backend in args.backends]
     if "jax" in args.backends:
         steps.append(("overhead.py", "jax",
                       ("--quick",) if args.quick else OVERHEAD))

@@ -46,6 +46,21 @@ def test_jit_compile_gives_same_outputs(name):
     np.testing.assert_allclose(compiled, fx["logits"], atol=1e-5)
 
 
+def test_auto_jit_compile_is_xla_on_jax_and_tensorflow():
+    """`jit_compile="auto"` (never compiled, and compile()'s default)
+    means XLA on JAX and on TensorFlow, CPU-only machines included (where
+    Keras itself turns XLA off for TensorFlow), and eager on PyTorch; an
+    explicit choice is kept."""
+    model = keras_e3.E3ViT(keras_e3.E3ViTBackbone(**tiny_backbone_kwargs()),
+                           num_classes=3)
+    expected = BACKEND != "torch"
+    assert model.jit_compile is expected
+    model.compile()
+    assert model.jit_compile is expected
+    model.compile(jit_compile=False)
+    assert model.jit_compile is False
+
+
 @pytest.mark.parametrize("name", ["vmoe_tiny_nodrop", "eee_tiny_nodrop"])
 def test_partial_groups_single_image_and_short_last_batch(name):
     """Token counts that are not a multiple of group_size still work.
