@@ -111,6 +111,28 @@ def _backward(dy, x, pre, params, tile_expert, num_used, tile_size):
     return ops.fori_loop(0, num_tiles, body, init)
 
 
+def _grouped_eager(x, params, tile_expert, num_used, tile_size):
+    """`_forward` in eager mode (PyTorch): the tiles of one expert are
+    contiguous, so each expert runs once, on all its rows in one product,
+    whatever the tile size; the unused rows are zeros. Shapes may depend on
+    the routing here: nothing is compiled."""
+    num_used = int(ops.convert_to_numpy(num_used))
+    counts = ops.convert_to_numpy(ops.bincount(
+        tile_expert[:num_used], minlength=params[0].shape[0]))
+    outputs, start = [], 0
+    for e, tiles in enumerate(counts.tolist()):
+        if not tiles:
+            continue
+        kernel_0, bias_0, kernel_1, bias_1 = (w[e] for w in params)
+        rows = x[start * tile_size:(start + tiles) * tile_size]
+        outputs.append(ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0),
+                                  kernel_1) + bias_1)
+        start += tiles
+    outputs.append(ops.zeros((x.shape[0] - start * tile_size, x.shape[-1]),
+                             x.dtype))
+    return ops.concatenate(outputs, axis=0)
+
+
 def expert_tiles(x, params, tile_expert, num_used, tile_size,
                  differentiable=False):
     """Rows [num_tiles * tile_size, H] through their experts.
@@ -122,6 +144,8 @@ def expert_tiles(x, params, tile_expert, num_used, tile_size,
     # Plain tensors in the compute dtype, not variables (TensorFlow's custom
     # gradient would otherwise want the variables' gradients separately).
     params = [ops.cast(getattr(w, "value", w), x.dtype) for w in params]
+    if not differentiable and keras.backend.backend() == "torch":
+        return _grouped_eager(x, params, tile_expert, num_used, tile_size)
     if not differentiable:
         return _forward(x, params, tile_expert, num_used, tile_size,
                         keep_pre=False)[0]

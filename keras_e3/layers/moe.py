@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_e3.layers.dispatch import DISPATCHERS
-from keras_e3.layers.dispatch import TILE_SIZE
+from keras_e3.layers.dispatch import default_tile_size
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.dispatch import make_dispatcher
 from keras_e3.layers.dispatch import tiles_supported
@@ -247,7 +247,7 @@ class MoeMlp(keras.layers.Layer):
         self.dispatch_dtype = dispatch_dtype
         # Rows per tile of the gather path's experts (TiledDispatcher); not
         # in the config: an execution detail the results do not depend on.
-        self.tile_size = TILE_SIZE
+        self.tile_size = default_tile_size()
         self.router_type = router
         self.num_slots = num_slots
         self.capacity_ceil_or_round = capacity_ceil_or_round

@@ -71,7 +71,7 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             weights of the auxiliary losses (added with `add_loss`).
         moe_dropout_rate: dropout inside the experts.
         dispatcher: how tokens reach the experts: "auto" (default: the
-            gather fast path on JAX and TensorFlow, einsum on PyTorch),
+            gather fast path, on every backend),
             "gather", or "einsum" (the readable dense reference). All
             give the same outputs and gradients to fp32 rounding (see
             `keras_e3.layers.dispatch`).

@@ -172,8 +172,16 @@ def test_gather_under_jit(rng):
 
 
 def test_resolve_dispatcher():
-    expected = "einsum" if keras.backend.backend() == "torch" else "gather"
-    assert resolve_dispatcher("auto") == expected
+    """"auto" is the gather path on every backend; PyTorch's eager experts
+    run each expert on exactly its rows (tiles of one row), the compiled
+    loops on 128-row tiles."""
+    from keras_e3.layers.dispatch import default_tile_size
+    from keras_e3.layers.moe import MoeMlp
+
+    assert resolve_dispatcher("auto") == "gather"
+    tile = 1 if keras.backend.backend() == "torch" else 128
+    assert default_tile_size() == tile
+    assert MoeMlp(4, 16, 20).tile_size == tile
     assert resolve_dispatcher("einsum") == "einsum"
     with pytest.raises(ValueError, match="Unknown dispatcher 'sparse'"):
         resolve_dispatcher("sparse")
