@@ -7,8 +7,8 @@ import numpy as np
 from keras import ops
 
 from keras_e3.layers.dispatch import DISPATCHERS
-from keras_e3.layers.dispatch import default_tile_size
 from keras_e3.layers.dispatch import compute_capacity
+from keras_e3.layers.dispatch import default_tile_size
 from keras_e3.layers.dispatch import make_dispatcher
 from keras_e3.layers.dispatch import tiles_supported
 from keras_e3.layers.experts_choice import ExpertsChoiceRouter

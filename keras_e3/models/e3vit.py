@@ -166,8 +166,8 @@ class E3ViT(PresetMixin, keras.Model):
         TensorFlow these models are compiled with XLA on a CPU-only machine
         too, where Keras runs TensorFlow graphs without XLA. The models
         compile there (the whole suite runs so), and XLA's program is the
-        faster one: E³ S/32's `predict_on_batch` at batch 32 took 2.9 s
-        without XLA and 1.6 s with it (`benchmarks/backends.py`). Not under
+        faster one: E³ S/32's `predict_on_batch` at batch 32 took 2341 ms
+        without XLA and 1270 ms with it (`benchmarks/backends.py`). Not under
         a `tf.distribute` strategy, nor where a layer says it does not
         support XLA, nor with op determinism enabled (Keras' own rules)."""
         resolved = super()._resolve_auto_jit_compile()
