@@ -40,19 +40,18 @@ WITHOUT_XLA = "e3_s32 without XLA"
 
 def resolved_dispatcher(model, batch):
     """The dispatch path `dispatcher="auto"` runs on this backend, with its
-    layout for inference ("gather (tiles)"), or None for a dense model."""
+    layout for inference ("gather (tiles)"; `gather_layout` asks the layer,
+    which knows where the tiles are supported), or None for a dense
+    model."""
     from dispatch_paths import gather_layout
     from keras_e3.layers.dispatch import resolve_dispatcher
-    from keras_e3.layers.dispatch import tiles_supported
 
     blocks = model.backbone.moe_blocks
     if not blocks:
         return None
     path = resolve_dispatcher(blocks[0].mlp.dispatcher)
     if path == "gather":
-        layout = ("tiles" if tiles_supported() and gather_layout(
-            model, batch) == "tiles" else "buffers")
-        path = f"gather ({layout})"
+        path = f"gather ({gather_layout(model, batch)})"
     return path
 
 

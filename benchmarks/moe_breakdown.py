@@ -66,15 +66,10 @@ def dense_mlp(experts, rows):
     unbatched matmuls: the same FLOPs as the experts on the routed rows,
     at the shape of a dense model's MLP, whose one [N, H] x [H, F] product
     is E times taller than each expert's."""
-    from keras import ops
+    from keras_e3.layers.expert_tiles import expert_mlp
 
-    from keras_e3.layers.expert_tiles import gelu
-
-    kernel_0, bias_0, kernel_1, bias_1 = (
-        w.value[0] for w in (experts.kernel_0, experts.bias_0,
-                             experts.kernel_1, experts.bias_1))
-    return ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0),
-                      kernel_1) + bias_1
+    return expert_mlp(rows, *(w.value[0] for w in (
+        experts.kernel_0, experts.bias_0, experts.kernel_1, experts.bias_1)))
 
 
 def compiled(layer, fn, *args):

@@ -34,6 +34,12 @@ def gelu_grad(x):
         1.0 + 3 * 0.044715 * x * x)
 
 
+def expert_mlp(rows, kernel_0, bias_0, kernel_1, bias_1):
+    """One expert's MLP on rows [N, H] (its unstacked weights)."""
+    return ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0),
+                      kernel_1) + bias_1
+
+
 def _expert(params, e):
     """Expert e's slices of the stacked [E, ...] weights."""
     return [ops.squeeze(ops.slice(w, (e,) + (0,) * (len(w.shape) - 1),
@@ -123,10 +129,8 @@ def _grouped_eager(x, params, tile_expert, num_used, tile_size):
     for e, tiles in enumerate(counts.tolist()):
         if not tiles:
             continue
-        kernel_0, bias_0, kernel_1, bias_1 = (w[e] for w in params)
         rows = x[start * tile_size:(start + tiles) * tile_size]
-        outputs.append(ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0),
-                                  kernel_1) + bias_1)
+        outputs.append(expert_mlp(rows, *_expert(params, e)))
         start += tiles
     outputs.append(ops.zeros((x.shape[0] - start * tile_size, x.shape[-1]),
                              x.dtype))
