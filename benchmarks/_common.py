@@ -218,3 +218,25 @@ def emit(result, out=None):
 def emit_row(row):
     """One progress line per measured row (JSON), as it is measured."""
     print(json.dumps(row), flush=True)
+
+
+def jax_models_args(argv, doc, script, models, default_models):
+    """The arguments of a JAX-only benchmark over S/32 models and batches:
+    --quick (batch 8, one repeat), --models, --batches (32 128),
+    --repeats (7), --out; exits unless the backend is JAX."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: batch 8, one repeat")
+    parser.add_argument("--models", nargs="+", default=list(default_models),
+                        choices=list(models))
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats = [8], 1
+    if backend() != "jax":
+        raise SystemExit(f"{script} runs on JAX (KERAS_BACKEND=jax)")
+    return args

@@ -51,6 +51,7 @@ import numpy as np
 from keras import ops
 
 import keras_e3
+from keras_e3.layers.dispatch import buckets_pay
 from keras_e3.layers.dispatch import tiles_pay
 from _common import backend
 from _common import block
@@ -107,17 +108,22 @@ def build(config, members, dispatcher, images_per_group):
 
 
 def gather_layout(model, batch):
-    """"tiles" if the gather path's MoE layers run their experts on tiles
-    (`TiledDispatcher`) for this batch, else "buffers"."""
+    """How the gather path's MoE layers run their experts at inference for
+    this batch: "buckets" (`BucketDispatcher`), "tiles"
+    (`TiledDispatcher`) or "buffers"."""
     layouts = set()
-    for block in model.backbone.moe_blocks:
-        mlp = block.mlp
+    for moe_block in model.backbone.moe_blocks:
+        mlp = moe_block.mlp
         groups = -(-batch * mlp.ensemble_size * TOKENS_PER_IMAGE
                    // mlp.group_size)
-        layouts.add("tiles" if tiles_pay(
-            groups, mlp.group_size, mlp.num_experts,
-            mlp.num_selected_experts, mlp.capacity,
-            mlp.expert_tile_size(training=False)) else "buffers")
+        shape = (groups, mlp.group_size, mlp.num_experts,
+                 mlp.num_selected_experts, mlp.capacity)
+        if mlp.expert_row_buckets(training=False) and buckets_pay(*shape):
+            layouts.add("buckets")
+        elif tiles_pay(*shape, mlp.expert_tile_size(training=False)):
+            layouts.add("tiles")
+        else:
+            layouts.add("buffers")
     return "/".join(sorted(layouts))
 
 

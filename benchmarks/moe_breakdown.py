@@ -1,5 +1,6 @@
 """Where an MoE layer's inference time goes, on JAX: router, dispatch
-(routing positions, sort into tiles or buffers, gather), experts, combine.
+(routing positions, sort into row buckets, tiles or buffers, gather),
+experts, combine.
 
     KERAS_BACKEND=jax python benchmarks/moe_breakdown.py [--quick]
         [--models e3_s32 vmoe_s32] [--batches 32 128] [--repeats 7]
@@ -10,9 +11,9 @@ For the first MoE layer of the S/32 models of `dispatch_paths.py`
 normal tokens (whose loads are even), four compiled calls, each a prefix
 of the layer's forward pass, timed interleaved (medians):
 `router` (grouping and the router's gates), `+dispatch` (the dispatcher:
-top-K, capacity positions, the tiles' or buffers' layout, and the gather
-of the tokens), `+experts` (the experts' MLP on those rows) and `layer`
-(the whole layer: + combine and ungrouping). The stages are their
+top-K, capacity positions, the row buckets', tiles' or buffers' layout,
+and the gather of the tokens), `+experts` (the experts' MLP on those
+rows) and `layer` (the whole layer: + combine and ungrouping). The stages are their
 differences. `ideal_experts_ms` is the experts' MLP alone on exactly the
 routed rows (G·S·K, split evenly over the experts, batched): what the
 useful FLOPs cost at the experts' own matmul speed; `dense_mlp_ms` is
@@ -21,13 +22,11 @@ the shape a dense model's MLP has: `ideal_over_dense` is what splitting
 the rows into E smaller products costs by itself. Prints JSON.
 """
 
-import argparse
-
 import numpy as np
 
-from _common import backend
 from _common import emit
 from _common import emit_row
+from _common import jax_models_args
 from _common import run_info
 from _common import timed_interleaved
 
@@ -49,7 +48,8 @@ def prefixes(mlp):
             gates, mlp.num_selected_experts, mlp.capacity,
             batch_priority=mlp.batch_priority, valid=valid,
             implementation=mlp.dispatcher, dtype=mlp.dispatch_dtype,
-            tile_size=mlp.expert_tile_size(False, False))
+            tile_size=mlp.expert_tile_size(False, False),
+            row_buckets=mlp.expert_row_buckets(False, False))
         rows = dispatcher.dispatch(groups)
         if upto == "+dispatch":
             return rows
@@ -135,19 +135,8 @@ def measure(name, batch, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: batch 8, one repeat")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES),
-                        choices=MODEL_NAMES)
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.batches, args.repeats = [8], 1
-    if backend() != "jax":
-        raise SystemExit("moe_breakdown.py runs on JAX (KERAS_BACKEND=jax)")
+    args = jax_models_args(argv, __doc__, "moe_breakdown.py", MODEL_NAMES,
+                           MODEL_NAMES)
     rows = [measure(name, batch, args)
             for batch in args.batches for name in args.models]
     emit(run_info(benchmark="moe_breakdown", quick=args.quick,

@@ -87,7 +87,7 @@ def dispatch_label(row):
 
 
 def runs_table(paths, scaling, durations, overhead=None, breakdown=None,
-               backends=None):
+               backends=None, layouts=None):
     seconds = {(d["script"], d["backend"]): d["seconds"]
                for d in durations.get("steps", [])}
     rows = []
@@ -100,7 +100,9 @@ def runs_table(paths, scaling, durations, overhead=None, breakdown=None,
                                    ("moe_breakdown", breakdown or {},
                                     "moe_breakdown.py"),
                                    ("backends", backends or {},
-                                    "backends.py")):
+                                    "backends.py"),
+                                   ("inference_layouts", layouts or {},
+                                    "inference_layouts.py")):
         for backend, r in results.items():
             rows.append([label, NAMES[backend],
                          r.get("backend_version") or DASH, r.get("keras"),
@@ -479,6 +481,17 @@ def breakdown_table(result):
                   "routed rows alone ÷ one dense MLP"], rows)
 
 
+def layouts_table(result):
+    """inference_layouts.py: E³'s inference by layout beside the dense
+    ViT, with the useful-FLOP shares and their gaps."""
+    rows = [[NAMES.get(r["model"], r["model"]), r["batch"], r["layout"],
+             num(r["infer_ms"]), num(r["infer_useful_gflops_per_s"]),
+             f"{100 * r['infer_share_of_peak']:.1f}%",
+             num(r["share_gap_points"])] for r in result["rows"]]
+    return table(["model", "batch", "layout", "ms", "useful GFLOP/s",
+                  "share of the matmul peak", "points behind the ViT"], rows)
+
+
 def targets_table(paths, scaling, overhead=None, backends=None):
     rows = []
     targets = [(text, lambda p, s, m=metric: m(p, s), test, fmt)
@@ -502,6 +515,7 @@ def render(results_dir, quick):
     overhead = load(results_dir, "overhead")
     breakdown = load(results_dir, "moe_breakdown")
     backends = load(results_dir, "backends")
+    layouts = load(results_dir, "inference_layouts")
     durations = {}
     run_all = os.path.join(results_dir, "run_all.json")
     if os.path.exists(run_all):
@@ -517,7 +531,7 @@ def render(results_dir, quick):
             "that every step runs and what the tables hold. Its times are "
             "not performance results.")
     parts += ["### Runs", runs_table(paths, scaling, durations, overhead,
-                                         breakdown, backends),
+                                         breakdown, backends, layouts),
               "### Targets", targets_table(paths, scaling, overhead,
                                            backends)]
     if backends:
@@ -532,6 +546,11 @@ def render(results_dir, quick):
         parts += [f"### An MoE layer's inference time by stage, "
                   f"{NAMES[backend]} (first MoE layer, calls interleaved)",
                   breakdown_table(result)]
+    for backend, result in layouts.items():
+        parts += [f"### E³ inference by the experts' row layout, "
+                  f"{NAMES[backend]} (routing groups of 8 images, calls "
+                  f"interleaved with the dense ViT's)",
+                  layouts_table(result)]
     for backend, result in paths.items():
         parts += [f"### Models, {NAMES[backend]}", paths_table(result)]
     parts += ["### Fast path (gather) speedup over einsum, "

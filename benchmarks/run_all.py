@@ -91,6 +91,8 @@ def main(argv=None):
                       ("--quick",) if args.quick else OVERHEAD))
         steps.append(("moe_breakdown.py", "jax",
                       ("--quick",) if args.quick else ()))
+        steps.append(("inference_layouts.py", "jax",
+                      ("--quick",) if args.quick else ()))
     durations, failed = [], []
     for script, backend, step_args in steps:
         name = script.removesuffix(".py")

@@ -276,51 +276,34 @@ class GatherDispatcher(Dispatcher):
                                                 self.gates.dtype)
 
 
-class TiledDispatcher(Dispatcher):
-    """The gather path without the empty capacity slots: kept tokens are
-    laid out sorted by expert in one [num_tiles * tile_size, ...] array,
-    each expert's rows padded to a whole number of tiles, so that the
-    experts run tile by tile (`ExpertsMlp.call_tiles`) on about
-    G·S·K + E·tile_size rows instead of E·G·C.
+class SortedDispatcher(Dispatcher):
+    """The kept tokens sorted by expert in one [num_rows, ...] array: expert
+    e's rows start at `starts[e]`, group by group, in buffer order. The
+    layouts differ in where each expert's rows start (`_layout`).
 
     Same capacity, same dropped tokens, same combine weights as the other
-    paths (only the order in which the kept tokens are stored differs: by
-    expert, then group, then buffer position). Used by `MoeMlp` when it
-    stores fewer rows than the capacity buffers (`tiles_pay`) on the
-    backends that run it well (`tiles_supported`).
+    paths: only the order in which the kept tokens are stored differs.
     """
 
     def __init__(self, gates, expert_index, buffer_index, capacity,
-                 tile_size, dtype=None):
+                 dtype=None):
         self.gates = gates
         self.dtype = dtype
-        self.tile_size = tile = tile_size
         self.num_experts = num_experts = gates.shape[-1]
         groups, group_size, k = expert_index.shape
-        self.num_tiles = num_tiles = tile_count(
-            groups, group_size, num_experts, k, capacity, tile)
-        num_rows = num_tiles * tile
         keep = ops.logical_and(buffer_index >= 0, buffer_index < capacity)
         chosen = one_hot(expert_index, num_experts, dtype="int32") * \
             ops.cast(keep, "int32")[..., None]
         counts = ops.sum(chosen, axis=(1, 2))  # [G, E] kept per group
         group_offset = ops.cumsum(counts, axis=0) - counts
-        rows_per_expert = ops.sum(counts, axis=0)
-        padded = (rows_per_expert + tile - 1) // tile * tile
-        ends = ops.cumsum(padded)
-        starts = ends - padded
+        self.rows_per_expert = ops.sum(counts, axis=0)
+        starts, num_rows = self._layout(groups, group_size, k, capacity)
         # [G, S, K]: the row of each kept choice (num_rows when dropped).
         offset = ops.sum(chosen * (starts + group_offset)[:, None, None, :],
                          axis=-1)
         self.row = ops.where(keep, offset + buffer_index, num_rows)
         self.weights = ops.take_along_axis(gates, expert_index, axis=2) * \
             ops.cast(keep, gates.dtype)
-        # The expert of every tile; tiles past `num_used_tiles` are unused.
-        tile_starts = ops.arange(num_tiles, dtype="int32") * tile
-        self.tile_expert = ops.minimum(ops.sum(ops.cast(
-            ends[None, :] <= tile_starts[:, None], "int32"), axis=1),
-            num_experts - 1)
-        self.num_used_tiles = ends[-1] // tile
         # The token of every row, as in GatherDispatcher: empty rows read
         # the zero row appended after the G·S tokens.
         num_tokens = groups * group_size
@@ -332,20 +315,20 @@ class TiledDispatcher(Dispatcher):
             ops.reshape(tokens, (-1,)), (num_rows + 1,))[:num_rows] - 1
         self.source = ops.where(owner < 0, num_tokens, owner)
 
+    def _layout(self, groups, group_size, k, capacity):
+        """(starts [E]: each expert's first row, num_rows: static)."""
+        raise NotImplementedError
+
     def dispatch(self, x):
-        """[G, S, H] tokens -> [num_tiles * tile_size, H] rows."""
+        """[G, S, H] tokens -> [num_rows, H] rows."""
         dtype = x.dtype
         x = self._lowered(x)
         x = ops.reshape(x, (-1, x.shape[-1]))
         x = ops.concatenate([x, ops.zeros_like(x[:1])], axis=0)
         return ops.cast(ops.take(x, self.source, axis=0), dtype)
 
-    def run_experts(self, experts, x, training=None):
-        return experts.call_tiles(x, self.tile_expert, self.num_used_tiles,
-                                  self.tile_size, training=training)
-
     def combine(self, y):
-        """[num_tiles * tile_size, H] rows -> [G, S, H] tokens."""
+        """[num_rows, H] rows -> [G, S, H] tokens."""
         dtype = y.dtype
         y = self._lowered(y)
         y = ops.concatenate([y, ops.zeros_like(y[:1])], axis=0)
@@ -353,6 +336,93 @@ class TiledDispatcher(Dispatcher):
         picked = ops.take(y, self.row, axis=0)  # [G, S, K, H]
         out = ops.sum(picked * self.weights[..., None], axis=2)
         return ops.cast(out, dtype)
+
+
+class TiledDispatcher(SortedDispatcher):
+    """The gather path without the empty capacity slots: each expert's rows
+    padded to a whole number of tiles, so that the experts run tile by
+    tile (`ExpertsMlp.call_tiles`) on about G·S·K + E·tile_size rows
+    instead of E·G·C. Used by `MoeMlp` when it stores fewer rows than the
+    capacity buffers (`tiles_pay`) on the backends that run it well
+    (`tiles_supported`).
+    """
+
+    def __init__(self, gates, expert_index, buffer_index, capacity,
+                 tile_size, dtype=None):
+        self.tile_size = tile_size
+        super().__init__(gates, expert_index, buffer_index, capacity, dtype)
+
+    def _layout(self, groups, group_size, k, capacity):
+        tile = self.tile_size
+        self.num_tiles = num_tiles = tile_count(
+            groups, group_size, self.num_experts, k, capacity, tile)
+        padded = (self.rows_per_expert + tile - 1) // tile * tile
+        ends = ops.cumsum(padded)
+        # The expert of every tile; tiles past `num_used_tiles` are unused.
+        tile_starts = ops.arange(num_tiles, dtype="int32") * tile
+        self.tile_expert = ops.minimum(ops.sum(ops.cast(
+            ends[None, :] <= tile_starts[:, None], "int32"), axis=1),
+            self.num_experts - 1)
+        self.num_used_tiles = ends[-1] // tile
+        return ends - padded, num_tiles * tile
+
+    def run_experts(self, experts, x, training=None):
+        return experts.call_tiles(x, self.tile_expert, self.num_used_tiles,
+                                  self.tile_size, training=training)
+
+
+class BucketDispatcher(SortedDispatcher):
+    """The gather path for inference without most empty capacity slots and
+    without a loop: each expert owns `rows_bound` rows (all it can keep),
+    and the experts run as one batched product on the first B rows of
+    each, B the smallest of a few static sizes (`row_buckets`) that holds
+    the busiest expert's rows (`ExpertsMlp.call_buckets`: one compiled
+    branch per size). With even loads that is about G·S·K rows, against
+    E·G·C for the buffers and whole tiles of each expert for
+    `TiledDispatcher`. Not for training: the gradient of a switch between
+    branches carries every branch's intermediates.
+    """
+
+    def _layout(self, groups, group_size, k, capacity):
+        self.rows_bound = bound = groups * min(capacity, group_size)
+        self.buckets = row_buckets(groups * group_size * k / self.num_experts,
+                                   bound)
+        self.busiest = ops.max(self.rows_per_expert)
+        return (ops.arange(self.num_experts, dtype="int32") * bound,
+                self.num_experts * bound)
+
+    def run_experts(self, experts, x, training=None):
+        return experts.call_buckets(x, self.busiest, self.buckets,
+                                    training=training)
+
+
+def row_buckets(mean_rows, rows_bound, ratio=1.05, multiple_of=8):
+    """The static row counts of `BucketDispatcher`'s branches: half the
+    mean rows per expert, then from the mean up by `ratio` (the padding
+    above the busiest expert's rows is then at most about 5%), and
+    `rows_bound`; each rounded up to a multiple of `multiple_of` and at
+    most `rows_bound`."""
+    sizes = {rows_bound, mean_rows / 2}
+    size = mean_rows
+    while size < rows_bound:
+        sizes.add(size)
+        size *= ratio
+    rounded = (-(-math.ceil(size) // multiple_of) * multiple_of
+               for size in sizes)
+    return sorted({max(1, min(rows_bound, size)) for size in rounded})
+
+
+def buckets_pay(groups, group_size, num_experts, num_selected_experts,
+                capacity, min_saving=0.1):
+    """Whether `BucketDispatcher` can save at least `min_saving` of the
+    capacity buffers' rows: with even loads it computes about G·S·K rows
+    against E·G·min(C, S) (every row an expert can keep). Below that,
+    its branches are not worth their compile time."""
+    if not isinstance(groups, int):
+        return False
+    bound = num_experts * groups * min(capacity, group_size)
+    return groups * group_size * num_selected_experts <= \
+        (1 - min_saving) * bound
 
 
 def tile_count(groups, group_size, num_experts, num_selected_experts,
@@ -411,21 +481,37 @@ def tiles_supported(training=False):
     return backend == "jax" or (backend == "torch" and not training)
 
 
+def buckets_supported():
+    """Whether this backend runs `BucketDispatcher` well: JAX, whose
+    compiled switch runs one branch. PyTorch's eager experts already run
+    each expert's exact rows (`TiledDispatcher` with tiles of one row);
+    TensorFlow keeps the capacity buffers (see `tiles_supported`)."""
+    import keras
+
+    return keras.backend.backend() == "jax"
+
+
 def make_dispatcher(gates, num_selected_experts, capacity,
                     batch_priority=False, valid=None, implementation="einsum",
-                    dtype=None, tile_size=None):
+                    dtype=None, tile_size=None, row_buckets=False):
     """Routes `gates` [G, S, E] and returns a dispatcher for the experts.
 
-    `tile_size`: with the gather path, lay the kept tokens out in tiles of
-    this many rows sorted by expert (`TiledDispatcher`) when that stores
-    fewer rows than the capacity buffers (`tiles_pay`); None or 0 keeps the
-    capacity buffers.
+    With the gather path: `row_buckets=True` (for inference) runs the
+    experts on each expert's rows at a few static sizes
+    (`BucketDispatcher`) where that saves rows (`buckets_pay`); else
+    `tile_size` lays the kept tokens out in tiles of this many rows sorted
+    by expert (`TiledDispatcher`) when that stores fewer rows than the
+    capacity buffers (`tiles_pay`); None or 0 keeps the capacity buffers.
     """
     implementation = resolve_dispatcher(implementation)
     expert_index, buffer_index = top_experts_per_item(
         gates, num_selected_experts, batch_priority, valid)
     if implementation == "gather":
         groups, group_size, num_experts = gates.shape
+        if row_buckets and buckets_pay(groups, group_size, num_experts,
+                                       num_selected_experts, capacity):
+            return BucketDispatcher(gates, expert_index, buffer_index,
+                                    capacity, dtype=dtype)
         if tiles_pay(groups, group_size, num_experts, num_selected_experts,
                      capacity, tile_size):
             return TiledDispatcher(gates, expert_index, buffer_index,

@@ -92,6 +92,32 @@ class ExpertsMlp(keras.layers.Layer):
             tile_expert, num_used_tiles, tile_size,
             differentiable=bool(training))
 
+    def call_buckets(self, x, busiest, buckets, training=None):
+        """The experts on rows [E * bound, H], expert e's at [e * bound, ...)
+        (`BucketDispatcher`): one batched call on the first B rows of each
+        expert, B the smallest of `buckets` (static, ascending, the last
+        `bound`) that is at least `busiest` (the most rows an expert
+        holds); the other rows are zeros. One branch per bucket. No
+        dropout: inference only."""
+        hidden = x.shape[-1]
+        rows = ops.reshape(x, (self.num_experts, -1, hidden))
+        bound = rows.shape[1]
+        params = [ops.cast(w.value, x.dtype) for w in (
+            self.kernel_0, self.bias_0, self.kernel_1, self.bias_1)]
+
+        def branch(size):
+            def run(rows, kernel_0, bias_0, kernel_1, bias_1):
+                h = ops.matmul(rows[:, :size], kernel_0) + bias_0[:, None, :]
+                y = ops.matmul(gelu(h), kernel_1) + bias_1[:, None, :]
+                return ops.pad(y, ((0, 0), (0, bound - size), (0, 0)))
+            return run
+
+        index = ops.sum(ops.cast(ops.convert_to_tensor(
+            buckets[:-1], "int32") < busiest, "int32"))
+        y = ops.switch(index, [branch(size) for size in buckets], rows,
+                       *params)
+        return ops.reshape(y, (-1, hidden))
+
     def get_config(self):
         config = super().get_config()
         config.update(num_experts=self.num_experts, mlp_dim=self.mlp_dim,

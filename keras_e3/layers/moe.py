@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_e3.layers.dispatch import DISPATCHERS
+from keras_e3.layers.dispatch import buckets_supported
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.dispatch import default_tile_size
 from keras_e3.layers.dispatch import make_dispatcher
@@ -248,6 +249,10 @@ class MoeMlp(keras.layers.Layer):
         # Rows per tile of the gather path's experts (TiledDispatcher); not
         # in the config: an execution detail the results do not depend on.
         self.tile_size = default_tile_size()
+        # Inference on the gather path runs the experts at a few static row
+        # counts where the backend supports it (BucketDispatcher); False:
+        # tiles or buffers, as in training. Not in the config either.
+        self.row_buckets = True
         self.router_type = router
         self.num_slots = num_slots
         self.capacity_ceil_or_round = capacity_ceil_or_round
@@ -348,7 +353,8 @@ class MoeMlp(keras.layers.Layer):
             gates, self.num_selected_experts, self.capacity,
             batch_priority=self.batch_priority, valid=valid,
             implementation=self.dispatcher, dtype=self.dispatch_dtype,
-            tile_size=self.expert_tile_size(training, return_routing))
+            tile_size=self.expert_tile_size(training, return_routing),
+            row_buckets=self.expert_row_buckets(training, return_routing))
         expert_outputs = dispatcher.run_experts(
             self.experts, dispatcher.dispatch(groups), training=training)
         y = dispatcher.combine(expert_outputs)
@@ -402,6 +408,16 @@ class MoeMlp(keras.layers.Layer):
                 or not tiles_supported(training)):
             return None
         return self.tile_size
+
+    def expert_row_buckets(self, training=None, return_routing=False):
+        """Whether the gather path's experts run at a few static row counts
+        (`BucketDispatcher`, used where that saves rows: `buckets_pay`):
+        for inference, without the routing intermediates or an
+        expert-parallel layout, on the backends that run it well
+        (`buckets_supported`)."""
+        return bool(self.row_buckets and not training and not return_routing
+                    and not keras.distribution.distribution()
+                    and buckets_supported())
 
     def compute_output_spec(self, x, training=None, return_routing=False,
                             return_metrics=False):

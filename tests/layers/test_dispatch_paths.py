@@ -28,11 +28,18 @@ def with_dispatcher(model, dispatcher):
 
 
 @pytest.mark.parametrize("name", MOE_FIXTURES)
-def test_gather_matches_fixtures_and_einsum(name):
+def test_gather_matches_fixtures_and_einsum(name, monkeypatch):
+    """The default gather path gives the official logits and the
+    reference's routing; on JAX the fixtures without dropped tokens
+    (capacity factor 2, so buckets pay) run their inference on row
+    buckets."""
     fx = load_fixture(name)
     reference = keras_e3.E3ViT.from_vmoe(fx["config"], fx["params"])
     fast = with_dispatcher(reference, "gather")
+    seen = spy_buckets(monkeypatch)
     logits = official_logits(fast, fx["inputs"])
+    if keras.backend.backend() == "jax" and "nodrop" in name:
+        assert seen, "no MoE layer ran on row buckets"
     assert np.max(np.abs(logits - fx["logits"])) <= 1e-5
     np.testing.assert_allclose(logits, official_logits(reference,
                                                        fx["inputs"]),
@@ -191,9 +198,11 @@ def test_resolve_dispatcher():
 # tokens sorted by expert in tiles, the experts run tile by tile.
 
 def use_tiles(model, tile_size):
-    """Sets the tile size of every MoE layer of `model` (None: buffers)."""
+    """Sets the tile size of every MoE layer of `model` (None: buffers),
+    for inference too (no row buckets)."""
     for block in model.backbone.moe_blocks:
         block.mlp.tile_size = tile_size
+        block.mlp.row_buckets = False
     return model
 
 
@@ -205,8 +214,9 @@ TILE_CASES = [  # E, K, M, capacity factor, BPR, group size, tile, images
     (4, 1, 1, 2.0, False, 16, 1, 3)]
 
 
-def moe_pair(case):
-    """(einsum MoeMlp, tiled gather MoeMlp with the same weights, input)."""
+def moe_pair(case, row_buckets=False):
+    """(einsum MoeMlp, tiled gather MoeMlp with the same weights, input);
+    `row_buckets`: the gather layer's inference runs on row buckets."""
     from keras_e3.layers.moe import MoeMlp
 
     experts, k, m, cf, bpr, group_size, tile, images = case
@@ -220,6 +230,7 @@ def moe_pair(case):
                        ensemble_size=m, dispatcher=path, noise_std=0.0)
         layer.build(x.shape)
         layer.tile_size = tile
+        layer.row_buckets = row_buckets
         layers.append(layer)
     rng = np.random.default_rng(2)
     for a, b in zip(*(layer.weights for layer in layers)):
@@ -366,6 +377,110 @@ def test_tiled_training_step_under_jit(rng):
     for a, b in zip(reference.weights, tiled.weights):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5,
                                    atol=1e-5, err_msg=a.path)
+
+
+# The row buckets of inference (BucketDispatcher + ExpertsMlp.call_buckets):
+# each expert's rows in a segment of its own, the experts batched on the
+# first B rows of each, B the smallest static bucket that holds them all.
+
+def spy_buckets(monkeypatch):
+    """The buckets of every BucketDispatcher that runs experts from now."""
+    from keras_e3.layers.dispatch import BucketDispatcher
+
+    seen = []
+    run = BucketDispatcher.run_experts
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.buckets)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(BucketDispatcher, "run_experts", spy)
+    return seen
+
+
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=[
+    pytest.mark.jit])])
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_bucket_moe_equals_einsum(case, jit, monkeypatch):
+    """Inference on row buckets (on JAX; the other backends' layouts
+    elsewhere) equals the einsum reference, compiled or not."""
+    einsum, bucketed, x = moe_pair(case, row_buckets=True)
+    seen = spy_buckets(monkeypatch)
+    expected = to_numpy(einsum(x))
+    if jit:
+        outputs = to_numpy(keras.Sequential([bucketed]).predict_on_batch(x))
+    else:
+        outputs = to_numpy(bucketed(x, training=False))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=2e-6)
+    assert bool(seen) == (keras.backend.backend() == "jax")
+
+
+def test_row_buckets():
+    """Half the mean, then the mean up in steps of at most 5% (+ rounding
+    to 8 rows), up to the bound; each a multiple of 8 but the bound."""
+    from keras_e3.layers.dispatch import row_buckets
+
+    buckets = row_buckets(400, 608)
+    assert buckets[:3] == [200, 400, 424] and buckets[-1] == 608
+    assert all(b % 8 == 0 for b in buckets[:-1])
+    steps = np.diff(buckets[1:]) / np.array(buckets[1:-1])
+    assert np.all(steps <= 0.05 + 8 / 400) and np.all(steps > 0)
+    assert row_buckets(2.5, 4) == [4]
+    assert row_buckets(12.5, 13) == [8, 13]
+
+
+@pytest.mark.parametrize("k,capacity_factor,experts", [
+    (1, 1.5, 8), (2, 1.2, 16), (2, 3.0, 8)])
+def test_bucket_layout(rng, k, capacity_factor, experts):
+    """Every kept choice gets its own row in its expert's segment, among
+    the first `rows_per_expert` rows there; dropped and padding tokens get
+    none; `busiest` is the largest count."""
+    from keras_e3.layers.dispatch import BucketDispatcher
+    from keras_e3.layers.dispatch import compute_capacity
+
+    gates, valid = routing_case(rng, groups=4, size=30, experts=experts,
+                                k=k, valid_from=7)
+    capacity = compute_capacity(30, experts, k, capacity_factor,
+                                multiple_of=None)
+    bucketed = make_dispatcher(gates, k, capacity, valid=valid,
+                               implementation="gather", row_buckets=True)
+    assert isinstance(bucketed, BucketDispatcher)
+    bound = bucketed.rows_bound
+    assert bound == 4 * min(capacity, 30)
+    kept = to_numpy(make_dispatcher(gates, k, capacity, valid=valid,
+                                    implementation="einsum").dispatch_mask)
+    row = to_numpy(bucketed.row)
+    rows = row[row < experts * bound]
+    assert len(rows) == kept.sum() == len(set(rows.tolist()))
+    if capacity_factor == 1.2:  # some choices are dropped
+        assert kept.sum() < (3 * 30 + 7) * k
+    counts = to_numpy(bucketed.rows_per_expert)
+    np.testing.assert_array_equal(counts, kept.sum(axis=(0, 1, 3)))
+    assert int(to_numpy(bucketed.busiest)) == counts.max()
+    expert_index = to_numpy(keras.ops.top_k(gates, k)[1])
+    for g, s, c in zip(*np.nonzero(row < experts * bound)):
+        e = expert_index[g, s, c]
+        assert e * bound <= row[g, s, c] < e * bound + counts[e]
+
+
+@pytest.mark.parametrize("busiest,computed", [(9, 16), (16, 16), (17, 24),
+                                              (3, 8)])
+def test_call_buckets_runs_the_smallest_bucket(rng, busiest, computed):
+    """The first `computed` rows of each expert (the smallest bucket that
+    holds `busiest`) go through the experts, the rest are zeros."""
+    from keras_e3.layers.mlp import ExpertsMlp
+
+    experts = ExpertsMlp(3, 10)
+    x = rng.normal(size=(3, 24, 6)).astype("float32")
+    experts.build(x.shape)
+    out = to_numpy(experts.call_buckets(
+        keras.ops.reshape(x, (-1, 6)), busiest, [8, 16, 24]))
+    out = out.reshape(3, 24, 6)
+    expected = to_numpy(experts(x))
+    np.testing.assert_allclose(out[:, :computed], expected[:, :computed],
+                               rtol=1e-5, atol=1e-6)
+    assert np.all(out[:, computed:] == 0)
+    assert np.all(np.abs(expected[:, computed:]) > 0)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

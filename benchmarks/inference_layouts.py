@@ -1,0 +1,115 @@
+"""E³ inference on JAX by the gather path's layout of the experts' rows:
+row buckets (`BucketDispatcher`, the default for inference) against tiles
+(`TiledDispatcher`, the layout of training), with the dense ViT in the
+same interleaving for the useful-FLOP shares the issue compares.
+
+    KERAS_BACKEND=jax python benchmarks/inference_layouts.py [--quick]
+        [--models e3_s32 vmoe_s32] [--batches 32 128] [--repeats 7]
+        [--out benchmarks/results/inference_layouts_jax.json]
+
+Per batch: the dense ViT-S/32 and each MoE model of `--models` (the S/32
+shapes of `dispatch_paths.py`, routing groups of 8 images, routers
+balanced on the batch's images) once per layout, the same weights, their
+compiled `predict` calls (`dispatch_paths.inference_call`) timed
+interleaved (medians). Each row: its layout as the layers chose it
+("buckets", "tiles" or "buffers": a layout that does not pay falls back),
+`infer_ms`, the useful GFLOP/s and their share of a float32 matmul peak
+measured in the same run (start and end, the higher), and
+`share_gap_points`: the dense ViT's share minus the row's. Prints JSON.
+"""
+
+import numpy as np
+
+from _common import emit
+from _common import emit_row
+from _common import jax_models_args
+from _common import matmul_peak
+from _common import run_info
+from dispatch_paths import MODELS
+from dispatch_paths import build
+from dispatch_paths import gather_layout
+from dispatch_paths import inference_call
+from dispatch_paths import measure
+from dispatch_paths import routing
+
+LAYOUTS = ("buckets", "tiles")
+
+
+def with_layout(models, layout):
+    """`models` with their MoE layers' inference set to `layout`."""
+    for model in models:
+        for block in model.backbone.moe_blocks:
+            block.mlp.row_buckets = layout == "buckets"
+    return models
+
+
+def rows_for(batch, names, repeats):
+    import keras_e3
+
+    images = np.random.default_rng(batch).normal(
+        size=(batch, 224, 224, 3)).astype("float32")
+    models = {("vit_s32", "-"): build(MODELS["vit_s32"][0], 1, "-", None)}
+    for name in names:
+        first = build(MODELS[name][0], 1, "gather", 8)
+        models[(name, LAYOUTS[0])] = with_layout(first, LAYOUTS[0])
+        for layout in LAYOUTS[1:]:
+            models[(name, layout)] = with_layout(
+                build(MODELS[name][0], 1, "gather", 8), layout)
+        # The same balanced routers and weights for every layout.
+        routing({"gather": first, **{layout: models[(name, layout)]
+                                     for layout in LAYOUTS[1:]}},
+                images, "balanced")
+    timings = measure({key: (lambda m=m: inference_call(m, images))
+                       for key, m in models.items()}, repeats, "infer", batch)
+    rows = []
+    for (name, layout), (fields, seconds) in timings.items():
+        model = models[(name, layout)][0]
+        useful = keras_e3.count_flops(model, expert_tokens="routed")["flops"]
+        rate = useful / 1e9 * batch / seconds
+        rows.append(dict(
+            model=name, batch=batch, images_per_group=None if layout == "-"
+            else 8, layout=layout if layout == "-" else
+            gather_layout(model, batch), gflops_per_image=round(
+                useful / 1e9, 3), **fields,
+            infer_useful_gflops_per_s=round(rate, 1)))
+    return rows
+
+
+def add_shares(rows, peak):
+    """Each row's share of `peak` and its gap to the dense ViT's share of
+    the same batch, in points."""
+    for row in rows:
+        row["infer_share_of_peak"] = round(
+            row["infer_useful_gflops_per_s"] / peak, 4)
+    for row in rows:
+        dense = next(r["infer_share_of_peak"] for r in rows
+                     if r["batch"] == row["batch"] and r["layout"] == "-")
+        row["share_gap_points"] = round(
+            100 * (dense - row["infer_share_of_peak"]), 1)
+        emit_row(row)
+    return rows
+
+
+def main(argv=None):
+    top_k_models = [name for name, (config, members, _) in MODELS.items()
+                    if config.get("num_experts") and members == 1
+                    and not config.get("router")]
+    args = jax_models_args(argv, __doc__, "inference_layouts.py",
+                           top_k_models, ["e3_s32"])
+    peak_start = matmul_peak()
+    rows = []
+    for batch in args.batches:
+        rows += rows_for(batch, args.models, args.repeats)
+    peak_end = matmul_peak()
+    peak = max(peak_start, peak_end)
+    add_shares(rows, peak)
+    emit(run_info(benchmark="inference_layouts", quick=args.quick,
+                  matmul_peak_gflops_per_s=round(peak, 1),
+                  matmul_peak_start_gflops_per_s=round(peak_start, 1),
+                  matmul_peak_end_gflops_per_s=round(peak_end, 1),
+                  repeats=args.repeats, routing="balanced", rows=rows),
+         args.out)
+
+
+if __name__ == "__main__":
+    main()

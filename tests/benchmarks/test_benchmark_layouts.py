@@ -1,0 +1,37 @@
+"""benchmarks/inference_layouts.py: the layouts it sets and the shares and
+gaps it reports."""
+
+import os
+import sys
+
+import pytest
+from conftest import tiny_backbone_kwargs
+
+import keras_e3
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..",
+                                "benchmarks"))
+import inference_layouts  # noqa: E402
+
+
+def test_add_shares_compares_each_row_with_its_batchs_dense_model():
+    rows = [dict(batch=32, layout="-", infer_useful_gflops_per_s=90.0),
+            dict(batch=32, layout="buckets", infer_useful_gflops_per_s=80.0),
+            dict(batch=128, layout="tiles", infer_useful_gflops_per_s=60.0),
+            dict(batch=128, layout="-", infer_useful_gflops_per_s=75.0)]
+    inference_layouts.add_shares(rows, peak=100.0)
+    assert [r["infer_share_of_peak"] for r in rows] == [0.9, 0.8, 0.6, 0.75]
+    assert [r["share_gap_points"] for r in rows] == [0.0, 10.0, 15.0, 0.0]
+
+
+@pytest.mark.single_backend
+def test_with_layout_sets_every_moe_layer():
+    backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs(
+        num_layers=4, moe_layers=(1, 3)))
+    model = keras_e3.E3ViT(backbone, num_classes=3)
+    layers = [block.mlp for block in backbone.moe_blocks]
+    assert len(layers) >= 2
+    inference_layouts.with_layout([model], "tiles")
+    assert not any(layer.row_buckets for layer in layers)
+    inference_layouts.with_layout([model], "buckets")
+    assert all(layer.row_buckets for layer in layers)
