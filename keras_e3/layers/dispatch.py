@@ -384,7 +384,8 @@ class BucketDispatcher(SortedDispatcher):
     """
 
     def _layout(self, groups, group_size, k, capacity):
-        self.rows_bound = bound = groups * min(capacity, group_size)
+        self.rows_bound = bound = expert_rows_bound(groups, group_size,
+                                                    capacity)
         self.buckets = row_buckets(groups * group_size * k / self.num_experts,
                                    bound)
         self.busiest = ops.max(self.rows_per_expert)
@@ -394,6 +395,12 @@ class BucketDispatcher(SortedDispatcher):
     def run_experts(self, experts, x, training=None):
         return experts.call_buckets(x, self.busiest, self.buckets,
                                     training=training)
+
+
+def expert_rows_bound(groups, group_size, capacity):
+    """The most rows one expert can keep: min(C, S) in each group (a
+    token chooses an expert at most once)."""
+    return groups * min(capacity, group_size)
 
 
 def row_buckets(mean_rows, rows_bound, ratio=1.05, multiple_of=8):
@@ -420,7 +427,7 @@ def buckets_pay(groups, group_size, num_experts, num_selected_experts,
     its branches are not worth their compile time."""
     if not isinstance(groups, int):
         return False
-    bound = num_experts * groups * min(capacity, group_size)
+    bound = num_experts * expert_rows_bound(groups, group_size, capacity)
     return groups * group_size * num_selected_experts <= \
         (1 - min_saving) * bound
 

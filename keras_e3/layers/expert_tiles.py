@@ -35,7 +35,8 @@ def gelu_grad(x):
 
 
 def expert_mlp(rows, kernel_0, bias_0, kernel_1, bias_1):
-    """One expert's MLP on rows [N, H] (its unstacked weights)."""
+    """One expert's MLP on rows [N, H] (its unstacked weights), or every
+    expert's on [E, N, H] (stacked weights, biases [E, 1, ...])."""
     return ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0),
                       kernel_1) + bias_1
 

@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_e3.layers.expert_tiles import expert_mlp
 from keras_e3.layers.expert_tiles import expert_tiles
 from keras_e3.layers.expert_tiles import gelu
 
@@ -107,8 +108,8 @@ class ExpertsMlp(keras.layers.Layer):
 
         def branch(size):
             def run(rows, kernel_0, bias_0, kernel_1, bias_1):
-                h = ops.matmul(rows[:, :size], kernel_0) + bias_0[:, None, :]
-                y = ops.matmul(gelu(h), kernel_1) + bias_1[:, None, :]
+                y = expert_mlp(rows[:, :size], kernel_0, bias_0[:, None, :],
+                               kernel_1, bias_1[:, None, :])
                 return ops.pad(y, ((0, 0), (0, bound - size), (0, 0)))
             return run
 
