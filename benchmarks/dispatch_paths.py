@@ -51,8 +51,7 @@ import numpy as np
 from keras import ops
 
 import keras_e3
-from keras_e3.layers.dispatch import buckets_pay
-from keras_e3.layers.dispatch import tiles_pay
+from keras_e3.layers.dispatch import gather_layout as layer_layout
 from _common import backend
 from _common import block
 from _common import compile_call
@@ -116,14 +115,11 @@ def gather_layout(model, batch):
         mlp = moe_block.mlp
         groups = -(-batch * mlp.ensemble_size * TOKENS_PER_IMAGE
                    // mlp.group_size)
-        shape = (groups, mlp.group_size, mlp.num_experts,
-                 mlp.num_selected_experts, mlp.capacity)
-        if mlp.expert_row_buckets(training=False) and buckets_pay(*shape):
-            layouts.add("buckets")
-        elif tiles_pay(*shape, mlp.expert_tile_size(training=False)):
-            layouts.add("tiles")
-        else:
-            layouts.add("buffers")
+        layouts.add(layer_layout(
+            groups, mlp.group_size, mlp.num_experts,
+            mlp.num_selected_experts, mlp.capacity,
+            mlp.expert_tile_size(training=False),
+            mlp.expert_row_buckets(training=False)))
     return "/".join(sorted(layouts))
 
 

@@ -40,8 +40,8 @@ from _common import run_info
 from _common import timed
 from keras_e3.layers.dispatch import TILE_SIZE
 from keras_e3.layers.dispatch import compute_capacity
+from keras_e3.layers.dispatch import gather_layout
 from keras_e3.layers.dispatch import make_dispatcher
-from keras_e3.layers.dispatch import tiles_pay
 from keras_e3.layers.dispatch import tiles_supported
 
 TOKENS = 3200
@@ -75,10 +75,7 @@ def layout(num_selected, capacity, implementation, gates):
     expert, where that is smaller) or "buffers" ([E, G*C, H])."""
     if implementation != "tiles" or not tiles_supported():
         return "buffers"
-    groups, group_size, num_experts = gates.shape
-    return "tiles" if tiles_pay(groups, group_size, num_experts,
-                                num_selected, capacity, TILE_SIZE) \
-        else "buffers"
+    return gather_layout(*gates.shape, num_selected, capacity, TILE_SIZE)
 
 
 def experts_mlp(buffers, w_in, w_out):

@@ -498,6 +498,20 @@ def buckets_supported():
     return keras.backend.backend() == "jax"
 
 
+def gather_layout(groups, group_size, num_experts, num_selected_experts,
+                  capacity, tile_size=None, row_buckets=False):
+    """The gather path's layout of the experts' rows for these shapes:
+    "buckets" (`BucketDispatcher`) with `row_buckets` where they pay, else
+    "tiles" (`TiledDispatcher`) with `tile_size` where they pay, else
+    "buffers" (`GatherDispatcher`, the capacity buffers)."""
+    shape = (groups, group_size, num_experts, num_selected_experts, capacity)
+    if row_buckets and buckets_pay(*shape):
+        return "buckets"
+    if tiles_pay(*shape, tile_size):
+        return "tiles"
+    return "buffers"
+
+
 def make_dispatcher(gates, num_selected_experts, capacity,
                     batch_priority=False, valid=None, implementation="einsum",
                     dtype=None, tile_size=None, row_buckets=False):
@@ -514,13 +528,12 @@ def make_dispatcher(gates, num_selected_experts, capacity,
     expert_index, buffer_index = top_experts_per_item(
         gates, num_selected_experts, batch_priority, valid)
     if implementation == "gather":
-        groups, group_size, num_experts = gates.shape
-        if row_buckets and buckets_pay(groups, group_size, num_experts,
-                                       num_selected_experts, capacity):
+        layout = gather_layout(*gates.shape, num_selected_experts, capacity,
+                               tile_size, row_buckets)
+        if layout == "buckets":
             return BucketDispatcher(gates, expert_index, buffer_index,
                                     capacity, dtype=dtype)
-        if tiles_pay(groups, group_size, num_experts, num_selected_experts,
-                     capacity, tile_size):
+        if layout == "tiles":
             return TiledDispatcher(gates, expert_index, buffer_index,
                                    capacity, tile_size, dtype=dtype)
         return GatherDispatcher(gates, expert_index, buffer_index, capacity,

@@ -429,6 +429,28 @@ def test_row_buckets():
     assert row_buckets(12.5, 13) == [8, 13]
 
 
+@pytest.mark.parametrize("capacity_factor,tile_size,row_buckets,layout", [
+    (1.5, 8, True, "buckets"), (1.5, 8, False, "tiles"),
+    (1.5, None, False, "buffers"), (1.0, None, True, "buffers")])
+def test_gather_layout_names_the_dispatcher_made(capacity_factor, tile_size,
+                                                 row_buckets, layout):
+    """`gather_layout` (the benchmarks' report) names the dispatcher that
+    `make_dispatcher` builds for the same shapes."""
+    from keras_e3.layers import dispatch
+
+    classes = dict(buckets=dispatch.BucketDispatcher,
+                   tiles=dispatch.TiledDispatcher,
+                   buffers=dispatch.GatherDispatcher)
+    capacity = dispatch.compute_capacity(400, 8, 1, capacity_factor)
+    gates = keras.ops.softmax(keras.ops.convert_to_tensor(
+        np.random.default_rng(0).normal(size=(4, 400, 8)), "float32"))
+    assert dispatch.gather_layout(4, 400, 8, 1, capacity, tile_size,
+                                  row_buckets) == layout
+    made = make_dispatcher(gates, 1, capacity, implementation="gather",
+                           tile_size=tile_size, row_buckets=row_buckets)
+    assert type(made) is classes[layout]
+
+
 @pytest.mark.parametrize("k,capacity_factor,experts", [
     (1, 1.5, 8), (2, 1.2, 16), (2, 3.0, 8)])
 def test_bucket_layout(rng, k, capacity_factor, experts):
