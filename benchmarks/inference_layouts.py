@@ -16,6 +16,14 @@ interleaved (medians). Each row: its layout as the layers chose it
 `infer_ms`, the useful GFLOP/s and their share of a float32 matmul peak
 measured in the same run (start and end, the higher), and
 `share_gap_points`: the dense ViT's share minus the row's. Prints JSON.
+
+Each model with one expert per token (K = 1: E³) also gets a row for its
+twin with one expert per ensemble member (`one_expert_per_member`): the
+same useful FLOPs in the same places (E³'s tiled tokens through the later
+layers, the ensemble head), but each MoE layer a dense MLP per member on
+exactly full buffers. Its gap to the ViT is what E³'s architecture costs;
+the model's gap beyond the twin's is what routing each member's tokens
+over its experts costs.
 """
 
 import numpy as np
@@ -33,6 +41,15 @@ from dispatch_paths import measure
 from dispatch_paths import routing
 
 LAYOUTS = ("buckets", "tiles")
+TWIN = "{}_one_expert_per_member"
+
+
+def one_expert_per_member(config):
+    """The twin of a K = 1 config: one expert per ensemble member and room
+    for every token (capacity factor 1, no rounding), so each member's
+    tokens all go through that expert, the capacity buffers exactly full."""
+    return dict(config, num_experts=config.get("ensemble_size", 1),
+                capacity_factor=1.0, capacity_multiple_of=1)
 
 
 def with_layout(models, layout):
@@ -59,6 +76,9 @@ def rows_for(batch, names, repeats):
         routing({"gather": first, **{layout: models[(name, layout)]
                                      for layout in LAYOUTS[1:]}},
                 images, "balanced")
+        if MODELS[name][0].get("num_selected_experts", 1) == 1:
+            models[(TWIN.format(name), "twin")] = build(
+                one_expert_per_member(MODELS[name][0]), 1, "gather", 8)
     timings = measure({key: (lambda m=m: inference_call(m, images))
                        for key, m in models.items()}, repeats, "infer", batch)
     rows = []

@@ -25,6 +25,7 @@ BACKENDS = ("jax", "tensorflow", "torch")
 NAMES = {"jax": "JAX", "tensorflow": "TensorFlow (XLA)",
          "torch": "PyTorch (eager)", "vit_s32": "ViT S/32",
          "vmoe_s32": "V-MoE S/32", "e3_s32": "E³ S/32",
+         "e3_s32_one_expert_per_member": "E³ S/32, one expert per member",
          "de2_vmoe_s32": "2 × V-MoE S/32 (deep ensemble)",
          "ec_s32": "Experts Choice S/32", "soft_s32": "Soft MoE S/32"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"

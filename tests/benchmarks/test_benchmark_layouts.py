@@ -35,3 +35,23 @@ def test_with_layout_sets_every_moe_layer():
     assert not any(layer.row_buckets for layer in layers)
     inference_layouts.with_layout([model], "buckets")
     assert all(layer.row_buckets for layer in layers)
+
+
+@pytest.mark.single_backend
+def test_one_expert_per_member_twin_does_the_same_work_on_full_buffers():
+    """The twin: one expert per member, whose capacity holds exactly that
+    member's tokens of a group; the same FLOPs as the model but the
+    router's (E outputs per token instead of M)."""
+    config = tiny_backbone_kwargs(num_layers=4, moe_layers=(1, 3),
+                                  num_experts=6, ensemble_size=3,
+                                  group_size=21, capacity_factor=1.5)
+    twin = inference_layouts.one_expert_per_member(config)
+    backbone = keras_e3.E3ViTBackbone(**twin)
+    for block in backbone.moe_blocks:
+        assert block.mlp.num_experts == 3
+        assert block.mlp.capacity * 3 == block.mlp.group_size
+    counts = [keras_e3.count_flops(c, expert_tokens="routed")["breakdown"]
+              for c in (config, twin)]
+    assert counts[1]["router"] * 2 == counts[0]["router"]
+    for part in ("attention", "mlp", "moe_experts", "head"):
+        assert counts[1][part] == counts[0][part] > 0
