@@ -23,7 +23,10 @@ same useful FLOPs in the same places (E³'s tiled tokens through the later
 layers, the ensemble head), but each MoE layer a dense MLP per member on
 exactly full buffers. Its gap to the ViT is what E³'s architecture costs;
 the model's gap beyond the twin's is what routing each member's tokens
-over its experts costs.
+over its experts costs. With it, the dense ViT on M times the batch (the
+rows E³'s tiled layers and head see), timed in the same interleaving
+(`run_batch`: the batch of that interleaving; its gap is to the ViT at
+that batch).
 """
 
 import numpy as np
@@ -79,31 +82,46 @@ def rows_for(batch, names, repeats):
         if MODELS[name][0].get("num_selected_experts", 1) == 1:
             models[(TWIN.format(name), "twin")] = build(
                 one_expert_per_member(MODELS[name][0]), 1, "gather", 8)
-    timings = measure({key: (lambda m=m: inference_call(m, images))
-                       for key, m in models.items()}, repeats, "infer", batch)
+    batches = {key: batch for key in models}
+    calls = {key: (lambda m=m: inference_call(m, images))
+             for key, m in models.items()}
+    members = max(MODELS[name][0].get("ensemble_size", 1) for name in names)
+    if members > 1:
+        wide = ("vit_s32", f"x{members}")
+        models[wide], batches[wide] = models[("vit_s32", "-")], \
+            batch * members
+        calls[wide] = lambda: inference_call(
+            models[wide], np.concatenate([images] * members))
+    timings = measure(calls, repeats, "infer", batch)
     rows = []
     for (name, layout), (fields, seconds) in timings.items():
-        model = models[(name, layout)][0]
+        model, rows_batch = models[(name, layout)][0], batches[(name, layout)]
         useful = keras_e3.count_flops(model, expert_tokens="routed")["flops"]
-        rate = useful / 1e9 * batch / seconds
+        rate = useful / 1e9 * rows_batch / seconds
+        dense = not model.backbone.moe_blocks
+        fields["infer_images_per_s"] = round(rows_batch / seconds, 1)
         rows.append(dict(
-            model=name, batch=batch, images_per_group=None if layout == "-"
-            else 8, layout=layout if layout == "-" else
-            gather_layout(model, batch), gflops_per_image=round(
-                useful / 1e9, 3), **fields,
+            model=name, batch=rows_batch, run_batch=batch,
+            images_per_group=None if dense else 8,
+            layout="-" if dense else gather_layout(model, batch),
+            gflops_per_image=round(useful / 1e9, 3), **fields,
             infer_useful_gflops_per_s=round(rate, 1)))
     return rows
 
 
 def add_shares(rows, peak):
-    """Each row's share of `peak` and its gap to the dense ViT's share of
-    the same batch, in points."""
+    """Each row's share of `peak` and its gap to the dense ViT's share in
+    the same run (`run_batch`, else `batch`: that batch's interleaving),
+    in points."""
+    def run(row):
+        return row.get("run_batch", row["batch"])
+
     for row in rows:
         row["infer_share_of_peak"] = round(
             row["infer_useful_gflops_per_s"] / peak, 4)
     for row in rows:
         dense = next(r["infer_share_of_peak"] for r in rows
-                     if r["batch"] == row["batch"] and r["layout"] == "-")
+                     if r["layout"] == "-" and r["batch"] == run(r) == run(row))
         row["share_gap_points"] = round(
             100 * (dense - row["infer_share_of_peak"]), 1)
         emit_row(row)

@@ -55,3 +55,18 @@ def test_one_expert_per_member_twin_does_the_same_work_on_full_buffers():
     assert counts[1]["router"] * 2 == counts[0]["router"]
     for part in ("attention", "mlp", "moe_experts", "head"):
         assert counts[1][part] == counts[0][part] > 0
+
+
+def test_add_shares_compares_rows_of_one_run_with_its_dense_model():
+    """The ViT on M times the batch, timed in the batch-32 run, is compared
+    with that run's ViT; a batch-64 run keeps its own."""
+    rows = [dict(batch=32, run_batch=32, layout="-",
+                 infer_useful_gflops_per_s=90.0),
+            dict(batch=64, run_batch=32, layout="-",
+                 infer_useful_gflops_per_s=81.0),
+            dict(batch=64, run_batch=64, layout="-",
+                 infer_useful_gflops_per_s=85.0),
+            dict(batch=64, run_batch=64, layout="buckets",
+                 infer_useful_gflops_per_s=80.0)]
+    inference_layouts.add_shares(rows, peak=100.0)
+    assert [r["share_gap_points"] for r in rows] == [0.0, 9.0, 0.0, 5.0]

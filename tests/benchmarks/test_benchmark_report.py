@@ -56,3 +56,26 @@ def test_share_gap_is_the_larger_gap_of_both_batches():
                               row("e3_s32", 128, 0.81)]}}
     assert abs(report._share_gap(paths, {}) - 20.0) < 1e-9
     assert report._share_gap({}, {}) is None
+
+
+def test_layouts_targets_read_each_runs_own_rows():
+    def row(model, layout, batch, gap, run_batch=None):
+        return dict(model=model, layout=layout, batch=batch,
+                    run_batch=run_batch or batch, share_gap_points=gap)
+    layouts = {"jax": {"rows": [
+        row("vit_s32", "-", 32, 0.0), row("vit_s32", "-", 64, 4.0, 32),
+        row("e3_s32", "buckets", 32, 2.5), row("e3_s32", "tiles", 32, 9.0),
+        row("e3_s32_one_expert_per_member", "buffers", 32, 1.5),
+        row("e3_s32", "buckets", 128, 2.0),
+        row("e3_s32_one_expert_per_member", "buffers", 128, 0.5)]}}
+    table = report.targets_table({}, {}, {}, {}, layouts)
+    assert status(table, "E³ S/32 inference, JAX, groups of 8, on its "
+                  "default layout") == "met"
+    assert "2.5 points" in table and "1.5 points" in table
+    assert status(table, "… the same for E³'s twin") == report.DASH
+    layouts["jax"]["rows"].append(row("e3_s32", "buckets", 128, 3.5))
+    table = report.targets_table({}, {}, {}, {}, layouts)
+    assert status(table, "E³ S/32 inference, JAX, groups of 8, on its "
+                  "default layout") == "not met"
+    assert report.targets_table({}, {}, {}, {}, {}).count("not measured") \
+        >= 2
