@@ -325,6 +325,10 @@ def _torch_reported(paths, scaling):
     return row.get("infer_ms")
 
 
+def points(value):
+    return f"{value:.1f} points"
+
+
 # (target, metric(paths, scaling) -> value or None, test, format): `paths`
 # and `scaling` are {backend: result JSON}; met when test(value).
 TARGETS = [
@@ -340,8 +344,8 @@ TARGETS = [
      times),
     ("E³ S/32 inference, JAX, groups of 8: useful-FLOP share of the "
      "matmul peak within 3 points of the dense ViT S/32's (the larger gap "
-     "of batch 32 and 128; `dispatch_paths.py`'s run)", _share_gap, lambda v: v <= 3.0,
-     lambda v: f"{v:.1f} points"),
+     "of batch 32 and 128; `dispatch_paths.py`'s run)", _share_gap,
+     lambda v: v <= 3.0, points),
     ("E³ S/32 on PyTorch runs and is reported (eager, einsum, groups of 8; "
      "ms per batch)", _torch_reported, lambda v: v > 0, num),
     ("E³ S/32 training step, JAX, groups of 8: gather ≥ 1.3× einsum "
@@ -506,10 +510,6 @@ def _layouts_gap(model, layout):
                 and r["batch"] == r.get("run_batch", r["batch"])]
         return max(gaps) if gaps else None
     return metric
-
-
-def points(value):
-    return f"{value:.1f} points"
 
 
 # As TARGETS, metric(layouts) with layouts = {backend: result} of
