@@ -8,7 +8,7 @@ from keras_e3 import layers
 from keras_e3 import metrics
 from keras_e3.data.labels import decode_predictions
 from keras_e3.layers.ensemble import ensemble_log_probs
-from keras_e3.layers.image_converter import ImageConverter
+from keras_e3.preprocessing.image_converter import ImageConverter
 from keras_e3.losses import EnsembleSigmoidCrossEntropy
 from keras_e3.losses import EnsembleSoftmaxCrossEntropy
 from keras_e3.models import E3ViT

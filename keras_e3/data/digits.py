@@ -33,7 +33,7 @@ def digits_converter(image_size=32, num_channels=1):
     upsampling to `image_size` (the same half-pixel resampling as
     `upsample`, which commutes with the linear rescaling) and 0..255 mapped
     onto [-1, 1]."""
-    from keras_e3.layers.image_converter import ImageConverter
+    from keras_e3.preprocessing.image_converter import ImageConverter
 
     return ImageConverter(image_size=int(image_size),
                           num_channels=int(num_channels),

@@ -7,7 +7,6 @@ from keras_e3.layers.dispatch import top_experts_per_item
 from keras_e3.layers.embedding import PatchAndPositionEmbedding
 from keras_e3.layers.embedding import resample_position_embedding
 from keras_e3.layers.encoder_block import EncoderBlock
-from keras_e3.layers.image_converter import ImageConverter
 from keras_e3.layers.ensemble import EnsembleSplit
 from keras_e3.layers.ensemble import EnsembleTile
 from keras_e3.layers.ensemble import ensemble_log_probs

@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_e3.layers.ensemble import EnsembleSplit
 from keras_e3.layers.ensemble import ensemble_log_probs
-from keras_e3.layers.image_converter import ImageConverter
+from keras_e3.preprocessing.image_converter import ImageConverter
 from keras_e3.losses import LOSSES
 from keras_e3.models.backbone import E3ViTBackbone
 from keras_e3.models.preset_mixin import PresetMixin

@@ -129,7 +129,7 @@ def convert_checkpoint(vmoe_config, checkpoint, preset_dir, image_size=None,
     `preprocessing`: the vmoe evaluation process string, saved as the
     preset's ImageConverter."""
     from keras_e3.conversion.vmoe import model_from_vmoe
-    from keras_e3.layers.image_converter import ImageConverter
+    from keras_e3.preprocessing.image_converter import ImageConverter
 
     task_cls = keras.saving.get_registered_object(TASK_CLASS)
     if task_cls is None:  # registered when keras_e3.models is imported

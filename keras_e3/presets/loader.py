@@ -27,7 +27,7 @@ import numpy as np
 from keras_e3.data.labels import class_names
 from keras_e3.layers.embedding import as_pair
 from keras_e3.layers.embedding import resample_position_embedding
-from keras_e3.layers.image_converter import ImageConverter
+from keras_e3.preprocessing.image_converter import ImageConverter
 from keras_e3.presets import builtin
 from keras_e3.presets import files
 from keras_e3.presets.files import PresetError

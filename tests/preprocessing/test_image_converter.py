@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from keras_e3.layers.image_converter import ImageConverter
-from keras_e3.layers.image_converter import parse_process
+from keras_e3.preprocessing.image_converter import ImageConverter
+from keras_e3.preprocessing.image_converter import parse_process
 
 PRE = FIXTURES / "preprocessing"
 

@@ -234,7 +234,7 @@ class ImageConverter(keras.layers.Layer):
 
     def call(self, images):
         if _is_symbolic_tf(images):
-            return self._convert_tf(images)
+            return self.convert_tf(images)
         return self.convert(images)
 
     def compute_output_shape(self, input_shape):
@@ -343,7 +343,7 @@ class ImageConverter(keras.layers.Layer):
                 f"[{lo:g}, {hi:g}]: they will look almost black. Multiply "
                 "them by 255 or use input_range=(0, 1).", stacklevel=4)
 
-    def _convert_tf(self, images):
+    def convert_tf(self, images):
         """TensorFlow ops (inside tf.data): [H, W, C] or [B, H, W, C] or an
         encoded image string -> float32, same rank (strings give
         [H, W, C])."""
