@@ -5,9 +5,13 @@ a batch [B, H, W, C] or a batch of gray images [B, H, W]), lists of them
 (sizes may differ), file paths, encoded bytes (PNG, JPEG, ...; decoded on
 the host with Pillow) and PIL images. In order it
 
-1. converts channels: gray -> RGB repeats the channel, RGBA -> RGB drops
-   alpha; anything else that differs from `num_channels` (2 channels, RGB
-   into a 1-channel model, ...) is a ValueError;
+1. converts channels, by one rule on every path: gray -> RGB repeats the
+   channel; RGB or RGBA -> gray is the ITU-R 601 luma 0.2989 R + 0.5870 G
+   + 0.1140 B (`tf.image.rgb_to_grayscale`'s weights, in float32, integer
+   images rounded half to even back to their dtype); alpha is dropped
+   (RGBA -> RGB, gray + alpha -> gray); other channel counts are a
+   ValueError. Files are decoded with their own channels first (Pillow on
+   the host, `tf.io.decode_image` in a graph), then this rule applies;
 2. resizes: to `image_size` directly, or, with `smaller_side`, the smaller
    side to `smaller_side` (aspect ratio kept, sides rounded half to even as
    `tf.round`) and then crops the centre to `image_size` (offsets
@@ -27,25 +31,30 @@ Where it runs: on NumPy inputs and every host input the conversion is
 NumPy (any Keras backend, no TensorFlow needed) and returns a NumPy array;
 on `tf.Tensor`s inside a `tf.data` map (graph mode) it uses TensorFlow's
 own ops (string tensors are decoded as encoded images, by
-`tf.io.decode_image` with the model's number of channels).
+`tf.io.decode_image` with their own channels, then the channel rule).
 
-Float images are taken to be in `input_range`. Values more than 0.25% of
-the range outside it (e.g. images already scaled to [-1, 1], or 16-bit
-values, given to a 0-255 converter) are refused with a ValueError rather
-than silently mapped to wrong inputs; non-finite values too. Float images
-entirely inside [0, 1] given to a converter expecting [0, 255] get a
-warning (they would be almost black).
+Pixels are checked before anything else (uint8 images never need it):
+non-finite values, and values more than 0.25% of the range outside
+`input_range` (e.g. images already scaled to [-1, 1], or 16-bit values,
+given to a 0-255 converter), are a ValueError rather than silently wrong
+model inputs; so are non-uint8 images that look like [0, 1] or [0, 16]
+pixels (scikit-learn's digits) given to a 0-255 converter. Float batches of
+the model's size already in `value_range` are model-ready
+(`is_model_ready`), except [0, 1] values for a [-1, 1] model: ambiguous,
+a ValueError telling what to pass. Inside a graph the same checks are
+assertions.
 """
 
 import ast
 import io
 import os
-import warnings
 
 import keras
 import numpy as np
 
 INTERPOLATIONS = ("bilinear", "area")
+# ITU-R 601 luma, the weights of tf.image.rgb_to_grayscale: RGB -> gray.
+LUMA = (0.2989, 0.5870, 0.1140)
 # Float inputs may stray this share of the input range outside it (a
 # resampling overshoot), not more: [-1, 1] images given to a 0-255
 # converter are refused.
@@ -117,11 +126,28 @@ class ImageConverter(keras.layers.Layer):
     # ------------------------------------------------------------------
     # Construction from other descriptions.
     @classmethod
-    def from_vmoe_process(cls, process, num_channels=3):
-        """The converter of a vmoe process string (ops `decode`, `resize`,
-        `resize_small`, `central_crop`, `value_range`, written as vmoe's
-        `parse_call` reads them), e.g.
-        "decode|resize_small(256)|central_crop(224)|value_range(-1,1)"."""
+    def from_vmoe_process(cls, process, num_channels=None):
+        """The converter of a vmoe process string.
+
+        Args:
+            process: ops `decode`, `resize`, `resize_small`, `central_crop`,
+                `value_range`, written as vmoe's `parse_call` reads them,
+                e.g. "decode|resize_small(256)|central_crop(224)|"
+                "value_range(-1,1)".
+            num_channels: the model's channels. None: `decode`'s
+                (`decode(channels=1)`, else vmoe's default 3). A `decode`
+                naming other channels than `num_channels` is a ValueError.
+
+        Returns:
+            An `ImageConverter`.
+
+        Example:
+        >>> c = ImageConverter.from_vmoe_process(
+        ...     "decode|resize_small(40)|central_crop(32)|value_range(-1,1)",
+        ...     num_channels=1)
+        >>> (c.smaller_side, c.image_size, c.num_channels, c.interpolation)
+        (40, (32, 32), 1, 'area')
+        """
         kwargs = {"num_channels": num_channels, "value_range": None}
         seen = []
         for op, args, kw in parse_process(process):
@@ -145,6 +171,8 @@ class ImageConverter(keras.layers.Layer):
         if "central_crop" in seen and "resize_small" not in seen:
             raise ValueError(f"{process!r}: central_crop is supported after "
                              "resize_small only.")
+        if kwargs["num_channels"] is None:
+            kwargs["num_channels"] = 3  # vmoe's decode default
         if kwargs["value_range"] is None:
             # Without value_range, vmoe feeds the model the 0-255 values.
             kwargs["value_range"] = kwargs.get("input_range", (0.0, 255.0))
@@ -265,8 +293,20 @@ class ImageConverter(keras.layers.Layer):
             return True
         lo, hi = self.value_range
         tol = READY_TOLERANCE * (hi - lo)
-        return bool(np.isfinite(x).all() and x.min() >= lo - tol
-                    and x.max() <= hi + tol)
+        ready = bool(np.isfinite(x).all() and x.min() >= lo - tol
+                     and x.max() <= hi + tol)
+        if ready and lo < 0.0 and self.input_range[1] > 1.0 and \
+                x.min() >= 0.0 and 0.0 < x.max() <= 1.0:
+            raise ValueError(
+                f"Float images of the model's size with values in "
+                f"[{float(x.min()):g}, {float(x.max()):g}]: these look like "
+                f"pixels scaled to [0, 1], not model inputs in "
+                f"[{lo:g}, {hi:g}] (which they would be taken for). Give raw "
+                f"pixels (uint8 0..255, or floats in "
+                f"[{self.input_range[0]:g}, {self.input_range[1]:g}]); to "
+                f"feed model inputs as they are, call the model directly "
+                f"(model(x) or model.predict_on_batch(x)).")
+        return ready
 
     def convert(self, images):
         """Host conversion (NumPy): any supported input -> float32 NumPy
@@ -293,8 +333,7 @@ class ImageConverter(keras.layers.Layer):
                                    or np.issubdtype(x.dtype, np.floating)):
             raise ValueError(f"Images must be integer or float arrays; got "
                              f"dtype {x.dtype}.")
-        if np.issubdtype(x.dtype, np.floating):
-            self._check_float_range(x)
+        self._check_pixels(x)
         x = _convert_channels(x, self.num_channels, np)
         dtype = x.dtype
         if self.smaller_side is not None:
@@ -322,26 +361,49 @@ class ImageConverter(keras.layers.Layer):
         x = (x - f32(lo)) / (f32(hi) - f32(lo))
         return f32(vmin) + x * (f32(vmax) - f32(vmin))
 
-    def _check_float_range(self, x):
-        if x.size == 0:
+    def _check_pixels(self, x):
+        """Refuses pixels that cannot be what `input_range` says (module
+        docstring): non-finite values, values far outside the range, and
+        non-uint8 images that look like [0, 1] or [0, 16] pixels given to
+        a 0..255 converter. uint8 images are pixels by definition."""
+        if x.size == 0 or x.dtype == np.uint8:
             return
-        if not np.isfinite(x).all():
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise ValueError("Images contain NaN or infinite values.")
+        x_min, x_max = float(x.min()), float(x.max())
+        message = _pixel_problem(x_min, x_max, self.input_range)
+        if message:
+            raise ValueError(message)
+
+    def _check_pixels_tf(self, x):
+        """`_check_pixels` as graph assertions (a tf.errors.
+        InvalidArgumentError with the same message)."""
+        import tensorflow as tf
+
+        f = tf.cast(x, tf.float32)
+        x_min = tf.reduce_min(f)
+        x_max = tf.reduce_max(f)
         lo, hi = self.input_range
         tol = INPUT_TOLERANCE * (hi - lo)
-        x_min, x_max = float(x.min()), float(x.max())
-        if x_min < lo - tol or x_max > hi + tol:
-            raise ValueError(
-                f"Float images with values in [{x_min:g}, {x_max:g}] are "
-                f"far outside the converter's input range [{lo:g}, {hi:g}]."
-                f" Give raw pixels in [{lo:g}, {hi:g}] (e.g. uint8), give "
-                "model-ready images of the model's size, or build the "
-                "converter with the right input_range.")
-        if hi >= 2.0 and lo == 0.0 and 0.0 < x_max <= 1.0:
-            warnings.warn(
-                f"Float images in [0, 1] given to a converter expecting "
-                f"[{lo:g}, {hi:g}]: they will look almost black. Multiply "
-                "them by 255 or use input_range=(0, 1).", stacklevel=4)
+        checks = [
+            (tf.reduce_all(tf.math.is_finite(f)),
+             "Images contain NaN or infinite values."),
+            (tf.logical_and(x_min >= lo - tol, x_max <= hi + tol),
+             f"Images far outside the converter's input range "
+             f"[{lo:g}, {hi:g}]: give raw pixels in that range (e.g. "
+             "uint8).")]
+        if _checks_scaled_pixels(self.input_range):
+            checks += [
+                (tf.logical_not(tf.logical_and(x_max > 0.0, x_max <= 1.0)),
+                 _SCALED_01),
+                (tf.logical_not(tf.logical_and(
+                    x_min >= 0.0, tf.logical_and(x_max > 1.0,
+                                                 x_max <= 16.0))),
+                 _SCALED_16)]
+        asserts = [tf.debugging.Assert(ok, [message, x_min, x_max])
+                   for ok, message in checks]
+        with tf.control_dependencies(asserts):
+            return tf.identity(x)
 
     def convert_tf(self, images):
         """TensorFlow ops (inside tf.data): [H, W, C] or [B, H, W, C] or an
@@ -351,11 +413,10 @@ class ImageConverter(keras.layers.Layer):
 
         x = images
         if x.dtype == tf.string:
-            # TensorFlow's decoder converts to the model's channels itself.
-            channels = (self.num_channels if self.num_channels in (1, 3, 4)
-                        else 0)
-            x = tf.io.decode_image(x, channels=channels,
-                                   expand_animations=False)
+            # The file's own channels (1, 2, 3 or 4), then the one channel
+            # rule below, as on the host (Pillow decodes to the same).
+            x = tf.io.decode_image(x, channels=0, expand_animations=False)
+            x = tf.ensure_shape(x, [None, None, None])
         single = x.shape.rank == 3
         if single:
             x = x[None]
@@ -363,20 +424,8 @@ class ImageConverter(keras.layers.Layer):
             raise ValueError(f"Expected images [H, W, C] or [B, H, W, C]; "
                              f"got shape {x.shape}.")
         dtype = x.dtype
-        if dtype.is_floating:
-            lo, hi = self.input_range
-            tol = INPUT_TOLERANCE * (hi - lo)
-            x = tf.ensure_shape(x, x.shape)
-            with tf.control_dependencies([
-                    tf.debugging.assert_greater_equal(
-                        tf.reduce_min(x), tf.cast(lo - tol, dtype),
-                        message="images far below the converter's "
-                                "input_range"),
-                    tf.debugging.assert_less_equal(
-                        tf.reduce_max(x), tf.cast(hi + tol, dtype),
-                        message="images far above the converter's "
-                                "input_range")]):
-                x = tf.identity(x)
+        if dtype != tf.uint8:
+            x = self._check_pixels_tf(x)
         x = _convert_channels(x, self.num_channels, tf)
         if self.smaller_side is not None:
             shape = tf.shape(x)
@@ -447,8 +496,14 @@ def _bind(op, args, kwargs, names, defaults, process):
 
 def _apply_vmoe_op(kwargs, op, args, kw, process):
     if op == "decode":
-        b = _bind(op, args, kw, ("channels",), {"channels": 3}, process)
-        kwargs["num_channels"] = int(b["channels"])
+        b = _bind(op, args, kw, ("channels",), {"channels": None}, process)
+        if b["channels"] is not None:
+            channels = int(b["channels"])
+            if kwargs["num_channels"] not in (None, channels):
+                raise ValueError(
+                    f"{process!r} decodes {channels} channels but the model "
+                    f"takes {kwargs['num_channels']}.")
+            kwargs["num_channels"] = channels
     elif op == "resize":
         b = _bind(op, args, kw, ("size", "method", "antialias"),
                   {"method": "bilinear", "antialias": False}, process)
@@ -599,26 +654,112 @@ def _is_symbolic_tf(x):
 # ----------------------------------------------------------------------
 # Operations.
 def _convert_channels(x, num_channels, lib):
+    """The one channel rule (module docstring), for NumPy (`lib` numpy)
+    or TensorFlow (`lib` tensorflow; a channel count unknown until run
+    time, as of decoded files, is switched on in the graph)."""
     channels = x.shape[-1]
+    if channels is None:  # TensorFlow, decoded file: 1 to 4 channels
+        import tensorflow as tf
+
+        if num_channels is None:
+            raise ValueError("A converter without num_channels cannot "
+                             "decode files inside a graph.")
+        count = tf.shape(x)[-1]
+        branches = {c: (lambda c=c: _convert_static(
+            tf.ensure_shape(x[..., :c], [None] * (len(x.shape) - 1) + [c]),
+            num_channels, tf)) for c in (1, 2, 3, 4)}
+        out = tf.switch_case(tf.clip_by_value(count, 1, 4) - 1,
+                             [branches[c] for c in (1, 2, 3, 4)])
+        with tf.control_dependencies([tf.debugging.assert_less_equal(
+                count, 4, message="images with more than 4 channels")]):
+            return tf.ensure_shape(
+                tf.identity(out), [None] * (len(x.shape) - 1)
+                + [num_channels])
+    return _convert_static(x, num_channels, lib)
+
+
+def _convert_static(x, num_channels, lib):
+    channels = x.shape[-1]
+    if channels == 2:  # gray + alpha: the alpha is dropped
+        x, channels = x[..., :1], 1
     if num_channels is None or channels == num_channels:
-        if channels not in (1, 3, 4) and num_channels is None:
+        if channels not in (1, 3, 4):
             raise ValueError(f"Images with {channels} channels: expected 1 "
-                             "(gray), 3 (RGB) or 4 (RGBA).")
+                             "(gray), 2 (gray + alpha), 3 (RGB) or 4 "
+                             "(RGBA).")
         return x
     if channels == 1 and num_channels == 3:
         return lib.repeat(x, 3, axis=-1) if lib is np else lib.tile(
-            x, [1, 1, 1, 3])
+            x, [1] * (len(x.shape) - 1) + [3])
     if channels == 4 and num_channels == 3:
         return x[..., :3]
     if channels in (3, 4) and num_channels == 1:
-        raise ValueError(
-            f"{'RGB' if channels == 3 else 'RGBA'} images (shape "
-            f"{tuple(x.shape)}) given to a model that takes 1-channel "
-            "(grayscale) images: convert them to grayscale first.")
+        return _luma(x, lib)
     raise ValueError(
         f"Images with {channels} channels (shape {tuple(x.shape)}) cannot "
         f"be converted to the model's {num_channels} channels: give gray "
-        "(1), RGB (3) or RGBA (4) images.")
+        "(1), gray + alpha (2), RGB (3) or RGBA (4) images.")
+
+
+def _luma(x, lib):
+    """RGB(A) -> gray: ITU-R 601 luma 0.2989 R + 0.5870 G + 0.1140 B (the
+    weights of `tf.image.rgb_to_grayscale`), in float32, the same ops on
+    the host and in the graph; integer images are rounded (half to even)
+    back to their dtype, so that uint8 stays uint8 (vmoe's `resize` casts
+    back to the input dtype)."""
+    if lib is np:
+        f = np.asarray(x[..., :3], np.float32)
+        w = [np.float32(v) for v in LUMA]
+        y = f[..., 0:1] * w[0] + f[..., 1:2] * w[1] + f[..., 2:3] * w[2]
+        if np.issubdtype(x.dtype, np.integer):
+            info = np.iinfo(x.dtype)
+            y = np.clip(np.round(y), info.min, info.max).astype(x.dtype)
+        return y
+    tf = lib
+    f = tf.cast(x[..., :3], tf.float32)
+    w = [tf.constant(v, tf.float32) for v in LUMA]
+    y = f[..., 0:1] * w[0] + f[..., 1:2] * w[1] + f[..., 2:3] * w[2]
+    if x.dtype.is_integer:
+        y = tf.cast(tf.clip_by_value(tf.round(y), x.dtype.min, x.dtype.max),
+                    x.dtype)
+    return y
+
+
+_SCALED_01 = (
+    "Images with values in [0, 1] given to a converter of 0..255 pixels: "
+    "they look like pixels scaled to [0, 1] and would be taken as almost "
+    "black. Multiply them by 255 (or pass uint8), or build the converter "
+    "with input_range=(0, 1).")
+_SCALED_16 = (
+    "Images with values in [0, 16] given to a converter of 0..255 pixels: "
+    "they look like scikit-learn's digits (0..16) and would be taken as "
+    "almost black. Scale them to 0..255 (keras_e3.data.digits.to_uint8), "
+    "or build the converter with input_range=(0, 16); if they really are "
+    "dark 0..255 images, pass them as uint8.")
+
+
+def _checks_scaled_pixels(input_range):
+    lo, hi = input_range
+    return lo == 0.0 and hi > 16.0
+
+
+def _pixel_problem(x_min, x_max, input_range):
+    """The error message for non-uint8 pixels in [x_min, x_max] given to a
+    converter of `input_range`, or None."""
+    lo, hi = input_range
+    tol = INPUT_TOLERANCE * (hi - lo)
+    if x_min < lo - tol or x_max > hi + tol:
+        return (f"Images with values in [{x_min:g}, {x_max:g}] are far "
+                f"outside the converter's input range [{lo:g}, {hi:g}]. Give"
+                f" raw pixels in [{lo:g}, {hi:g}] (e.g. uint8), give "
+                "model-ready images of the model's size, or build the "
+                "converter with the right input_range.")
+    if _checks_scaled_pixels(input_range):
+        if 0.0 < x_max <= 1.0:
+            return _SCALED_01
+        if x_min >= 0.0 and 1.0 < x_max <= 16.0:
+            return _SCALED_16
+    return None
 
 
 def resize_small_size(height, width, smaller_side):

@@ -3,12 +3,12 @@ channels, value ranges, errors and serialisation."""
 
 import io
 import json
-import warnings
 
 import keras
 import numpy as np
 import pytest
 from conftest import FIXTURES
+from sklearn.datasets import load_digits
 
 from keras_e3.preprocessing.image_converter import ImageConverter
 from keras_e3.preprocessing.image_converter import parse_process
@@ -152,10 +152,66 @@ def test_channels():
     np.testing.assert_array_equal(out[..., 0], out[..., 2])
     rgba = np.random.default_rng(0).integers(0, 256, (2, 3, 4), np.uint8)
     np.testing.assert_array_equal(rgb(rgba), rgb(rgba[..., :3]))
-    with pytest.raises(ValueError, match="2 channels"):
-        rgb(np.zeros((1, 4, 4, 2), np.uint8))
-    with pytest.raises(ValueError, match="1-channel"):
-        ImageConverter(num_channels=1)(np.zeros((4, 4, 3), np.uint8))
+    # gray + alpha: the alpha is dropped
+    np.testing.assert_array_equal(rgb(np.concatenate([gray, gray * 0 + 7],
+                                                     -1)), out)
+    with pytest.raises(ValueError, match="5 channels"):
+        rgb(np.zeros((1, 4, 4, 5), np.uint8))
+
+
+def test_rgb_to_gray_is_the_luma_rounded():
+    """RGB -> gray: 0.2989 R + 0.5870 G + 0.1140 B, rounded half to even
+    for uint8 (hand computation), unrounded for floats (TensorFlow's
+    rgb_to_grayscale on floats)."""
+    tf = pytest.importorskip("tensorflow")
+    gray = ImageConverter(image_size=None, num_channels=1,
+                          value_range=(0.0, 255.0))
+    pixel = np.array([[[200, 100, 50]]], np.uint8)
+    # 0.2989 * 200 + 0.5870 * 100 + 0.1140 * 50 = 124.18
+    np.testing.assert_array_equal(gray(pixel), [[[[124.0]]]])
+    rgba = np.concatenate([pixel, [[[9]]]], -1).astype(np.uint8)
+    np.testing.assert_array_equal(gray(rgba), [[[[124.0]]]])
+    floats = np.random.default_rng(0).uniform(2, 255, (5, 7, 3))
+    floats = floats.astype(np.float32)
+    np.testing.assert_allclose(
+        gray(floats)[0], tf.image.rgb_to_grayscale(floats).numpy(),
+        rtol=1e-6)
+
+
+def _pil_bytes(array, mode=None, fmt="PNG"):
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("num_channels", [1, 3])
+def test_files_of_every_mode_give_the_same_inputs_in_a_graph(num_channels):
+    """Gray, gray + alpha, RGB, RGBA and palette PNGs: the host (Pillow)
+    and tf.data (TensorFlow's decoder) give the same model inputs, by the
+    same channel rule."""
+    tf = pytest.importorskip("tensorflow")
+    converter = ImageConverter.from_vmoe_process(
+        "decode|resize_small(12)|central_crop(10)|value_range(-1,1)",
+        num_channels=num_channels)
+    rgb = np.random.default_rng(1).integers(0, 256, (13, 17, 3), np.uint8)
+    for mode in ("L", "LA", "RGB", "RGBA", "P"):
+        data = _pil_bytes(rgb, mode)
+        host = converter(data)
+        graph = tf.data.Dataset.from_tensor_slices([data]).map(converter)
+        # (float32 resampling sums in another order: 1 ulp)
+        np.testing.assert_allclose(next(iter(graph)).numpy(), host[0],
+                                   rtol=0, atol=1e-6, err_msg=mode)
+    # and the RGB file given to a gray model is the luma of its pixels
+    if num_channels == 1:
+        luma = np.round(rgb.astype(np.float32) @ np.float32(
+            [0.2989, 0.5870, 0.1140])).astype(np.uint8)
+        np.testing.assert_allclose(converter(_pil_bytes(rgb)),
+                                   converter(luma[..., None]), atol=1e-6)
 
 
 def test_float_range():
@@ -164,15 +220,40 @@ def test_float_range():
         converter(np.full((4, 4, 3), -1.0, np.float32))  # already scaled
     with pytest.raises(ValueError, match="far outside"):
         converter(np.full((4, 4, 3), 4000.0, np.float32))  # 12-bit
+    with pytest.raises(ValueError, match="far outside"):
+        converter(np.full((4, 4, 3), 4000, np.uint16))  # integers too
     with pytest.raises(ValueError, match="NaN"):
         converter(np.full((4, 4, 3), np.nan, np.float32))
-    with pytest.warns(UserWarning, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\].*Multiply them by 255"):
         converter(np.full((4, 4, 3), 0.5, np.float32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        converter(np.full((4, 4, 3), 200.0, np.float32))
-        ImageConverter(image_size=4, input_range=(0, 1))(
-            np.full((4, 4, 3), 0.5, np.float32))
+    digits = load_digits().images[:2]  # float64, 0..16
+    with pytest.raises(ValueError, match=r"\[0, 16\].*digits"):
+        converter(digits)
+    with pytest.raises(ValueError, match=r"\[0, 16\]"):
+        converter(digits.astype(np.int64))
+    # what the messages tell to do works
+    converter(np.round(digits * 255 / 16).astype(np.uint8))
+    converter(digits.astype(np.uint8))  # uint8 is never checked
+    converter(np.full((4, 4, 3), 200.0, np.float32))
+    converter(np.zeros((4, 4, 3), np.float32))  # black is black
+    ImageConverter(image_size=4, input_range=(0, 1))(
+        np.full((4, 4, 3), 0.5, np.float32))
+    ImageConverter(image_size=4, input_range=(0, 16))(digits)
+
+
+def test_float_range_inside_tf_data():
+    tf = pytest.importorskip("tensorflow")
+    converter = ImageConverter(image_size=4)
+    for bad, match in [(np.full((1, 4, 4, 3), 0.5, np.float32), "0, 1"),
+                       (np.full((1, 4, 4, 3), 16.0, np.float32), "0, 16"),
+                       (np.full((1, 4, 4, 3), -1.0, np.float32), "far"),
+                       (np.full((1, 4, 4, 3), np.inf, np.float32), "NaN")]:
+        ds = tf.data.Dataset.from_tensor_slices(bad).map(converter)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+            next(iter(ds))
+    good = np.full((1, 4, 4, 3), 200.0, np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(good).map(converter)
+    np.testing.assert_allclose(next(iter(ds)).numpy(), converter(good)[0])
 
 
 def test_model_ready_detection():
@@ -183,6 +264,14 @@ def test_model_ready_detection():
     assert not converter.is_model_ready(np.zeros((2, 8, 8, 3), np.uint8))
     assert not converter.is_model_ready(np.full((2, 8, 8, 3), 9.0))
     assert not converter.is_model_ready(np.zeros((2, 9, 8, 3)))
+    assert converter.is_model_ready(np.zeros((2, 8, 8, 3), np.float32))
+    # [0, 1] floats of the model's size: pixels scaled to [0, 1], or
+    # model inputs? Neither is assumed.
+    with pytest.raises(ValueError, match=r"look like pixels scaled to "
+                                         r"\[0, 1\].*model\(x\)"):
+        converter.is_model_ready(np.abs(ready).astype("float32"))
+    assert ImageConverter(image_size=8, value_range=(0, 1)).is_model_ready(
+        np.abs(ready).astype("float32"))
 
 
 def test_bad_inputs(tmp_path):
@@ -208,6 +297,16 @@ def test_process_parsing():
     assert (c.smaller_side, c.image_size, c.interpolation,
             c.cast_to_input_dtype, c.num_channels) == (
         256, (224, 224), "area", False, 3)
+    # the model's channels win over a bare decode; decode(channels=N) must
+    # agree with them
+    assert ImageConverter.from_vmoe_process(
+        "decode|resize(8)", num_channels=1).num_channels == 1
+    assert ImageConverter.from_vmoe_process(
+        "decode(channels=1)|resize(8)").num_channels == 1
+    with pytest.raises(ValueError, match="decodes 1 channels but the model "
+                                         "takes 3"):
+        ImageConverter.from_vmoe_process("decode(1)|resize(8)",
+                                         num_channels=3)
     c = ImageConverter.from_vmoe_process("decode|resize(128)|value_range(0,1)")
     assert (c.smaller_side, c.image_size, c.interpolation,
             c.cast_to_input_dtype, c.value_range) == (
