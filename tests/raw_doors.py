@@ -44,17 +44,17 @@ def backbone_kwargs(kind, num_channels=3):
 
 
 def tiny_model(kind, num_channels=3, process=PROCESS, seed=0,
-               class_names=CLASS_NAMES):
+               class_names=CLASS_NAMES, num_classes=NUM_CLASSES):
     """A tiny `kind` ("vit", "vmoe" or "e3") classifier with random weights
     (a non-zero head) and the converter of vmoe process `process`."""
     keras.utils.set_random_seed(seed)
     backbone = keras_e3.E3ViTBackbone(**backbone_kwargs(kind, num_channels))
     converter = keras_e3.ImageConverter.from_vmoe_process(
         process, num_channels=num_channels)
-    model = keras_e3.E3ViT(backbone, num_classes=NUM_CLASSES,
+    model = keras_e3.E3ViT(backbone, num_classes=num_classes,
                            head_kernel_initializer="glorot_uniform",
                            preprocessor=converter)
-    if class_names is not None:
+    if class_names is not None and len(class_names) == num_classes:
         model.class_names = list(class_names)
     return model
 
