@@ -19,6 +19,8 @@ in the same folder, then `os.replace`) as a PNG at `path`:
     (E³ partition) that owns it.
   - `ood_histograms`: the in-distribution and OOD distributions of each
     OOD score.
+  - `corruption_boxes`: accuracy, NLL and ECE against corruption severity,
+    one box per severity over the corruptions, models side by side.
 """
 
 import numpy as np
@@ -361,4 +363,61 @@ def ood_histograms(scores, path, bins=30):
     axes[0].set_ylabel("density")
     axes[0].legend(fontsize=8)
     fig.suptitle("OOD scores", fontsize=10)
+    return save_figure(fig, path)
+
+
+def corruption_boxes(rows_by_model, path, metrics=("accuracy", "nll", "ece"),
+                     output="ensemble"):
+    """Metrics against corruption severity, the plot of Ovadia et al.
+    (2019), "Can you trust your model's uncertainty?": one panel per
+    metric; per severity (0: clean) one box per model over the corruptions
+    (whiskers: min and max), the models side by side.
+
+    Args:
+        rows_by_model: {model name: `evaluate_corruptions` rows}.
+        path: the PNG to write.
+        metrics: the row keys to plot.
+        output: which model output ("ensemble", "member_0", ...).
+    """
+    names = list(rows_by_model)
+    if not names:
+        raise ValueError("corruption_boxes needs at least one model's rows.")
+    severities = sorted({int(r["severity"]) for rows in rows_by_model.values()
+                         for r in rows if r["model"] == output})
+    fig = _figure(figsize=(4.2 * len(metrics), 3.6))
+    width = 0.8 / len(names)
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        for i, name in enumerate(names):
+            data = [[r[metric] for r in rows_by_model[name]
+                     if r["model"] == output and int(r["severity"]) == s]
+                    for s in severities]
+            positions = [s + (i - (len(names) - 1) / 2) * width
+                         for s in severities]
+            kept = [(p, d) for p, d in zip(positions, data) if d]
+            if not kept:
+                continue
+            color = MEMBER_COLORS[i % len(MEMBER_COLORS)]
+            boxes = ax.boxplot([d for _, d in kept],
+                               positions=[p for p, _ in kept],
+                               widths=width * 0.9, whis=(0, 100),
+                               patch_artist=True, manage_ticks=False)
+            for box in boxes["boxes"]:
+                box.set(facecolor=color, alpha=0.55, edgecolor=color)
+            for part in ("whiskers", "caps", "medians"):
+                for line in boxes[part]:
+                    line.set(color=color)
+            ax.plot([], [], color=color, linewidth=6, alpha=0.55, label=name)
+        ax.set_xticks(severities)
+        ax.set_xticklabels(["clean" if s == 0 else str(s)
+                            for s in severities])
+        ax.set_xlabel("corruption severity")
+        ax.set_ylabel({"nll": "NLL", "ece": "ECE", "brier": "Brier"}.get(
+            metric, metric))
+        ax.grid(axis="y", alpha=0.3)
+        if k == 0:
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"Under corruption ({output}; boxes over the corruptions)",
+                 fontsize=10)
+    fig.tight_layout()
     return save_figure(fig, path)

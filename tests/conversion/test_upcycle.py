@@ -1,0 +1,135 @@
+"""Dense vit_jax checkpoints (.npz, both namings) and sparse upcycling,
+against the official code's outputs (fixture upcycle_tiny: vit_jax's logits,
+and vmoe's initialize_from_vit result)."""
+
+import numpy as np
+import pytest
+from conftest import fixture_dir
+from conftest import to_numpy
+
+import keras_e3
+from keras_e3.conversion.vit_jax import ViTCheckpointError
+from keras_e3.conversion.vit_jax import model_from_vit_npz
+from keras_e3.conversion.vit_jax import read_npz
+from keras_e3.conversion.vmoe import vmoe_variable_map
+from keras_e3.models.upcycle import upcycle
+
+LINEN = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+         "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+
+
+def to_linen(params):
+    out = {}
+    for name, value in params.items():
+        for old, new in LINEN.items():
+            name = name.replace(f"/{old}/", f"/{new}/")
+        out[name] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    path = fixture_dir("upcycle_tiny")
+    dense = path / "dense"
+    return {"checkpoint": read_npz(dense / "checkpoint.npz"),
+            "dense_inputs": np.load(dense / "inputs.npy"),
+            "dense_logits": np.load(dense / "logits.npy"),
+            "params": read_npz(path / "params.npz"),
+            "inputs": np.load(path / "inputs.npy"),
+            "logits": np.load(path / "logits.npy")}
+
+
+@pytest.fixture(scope="module")
+def dense(fixture):
+    return model_from_vit_npz(fixture["checkpoint"], keras_e3.E3ViT)
+
+
+def test_npz_gives_vit_jax_logits_in_both_namings(fixture, dense):
+    backbone = dense.backbone
+    assert (backbone.hidden_dim, backbone.num_layers, backbone.num_heads,
+            backbone.mlp_dim, tuple(backbone.moe_layers), dense.num_classes) == (
+        32, 4, 2, 64, (), 10)
+    logits = to_numpy(dense(fixture["dense_inputs"]))
+    np.testing.assert_allclose(logits, fixture["dense_logits"], rtol=0,
+                               atol=1e-5)
+    linen = model_from_vit_npz(to_linen(fixture["checkpoint"]),
+                               keras_e3.E3ViT)
+    np.testing.assert_allclose(to_numpy(linen(fixture["dense_inputs"])),
+                               fixture["dense_logits"], rtol=0, atol=1e-5)
+
+
+def test_upcycle_reproduces_vmoe_initialize_from_vit(fixture, dense):
+    up = upcycle(dense, num_experts=4, moe_layers=(1, 3),
+                 num_selected_experts=1, ensemble_size=2,
+                 capacity_factor=2.0, group_size=68)
+    variables = vmoe_variable_map(up)
+    official = fixture["params"]
+    assert sorted(variables) == sorted(official)
+    fresh = {n for n in official if "/Moe/Router/" in n}
+    assert fresh == {"Encoder/encoderblock_1/Moe/Router/dense/kernel",
+                     "Encoder/encoderblock_3/Moe/Router/dense/kernel"}
+    for name in sorted(set(official) - fresh):
+        np.testing.assert_allclose(to_numpy(variables[name]),
+                                   official[name], rtol=0, atol=1e-6,
+                                   err_msg=name)
+    # every expert an exact copy of the dense MLP (not only equal to the
+    # fixture): kernels [E, D, H]
+    kernel = to_numpy(variables["Encoder/encoderblock_1/Moe/Mlp/Dense_0/"
+                                "kernel"])
+    assert kernel.shape == (4, 32, 64)
+    for e in range(4):
+        np.testing.assert_array_equal(kernel[e], fixture["checkpoint"][
+            "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"])
+    # the routers are the backbone's fresh initialisation, not zeros
+    name = sorted(fresh)[0]
+    router = to_numpy(variables[name])
+    assert router.shape == official[name].shape
+    assert np.abs(router).max() > 0
+    # with the fixture's routers, vmoe's logits
+    for name in fresh:
+        variables[name].assign(official[name])
+    logits = up.to_official_order(up(fixture["inputs"]))
+    np.testing.assert_allclose(to_numpy(logits), fixture["logits"], rtol=0,
+                               atol=1e-5)
+    # the dense model is unchanged
+    np.testing.assert_allclose(to_numpy(dense(fixture["dense_inputs"])),
+                               fixture["dense_logits"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("router, extra", [
+    ("top_k", {"num_selected_experts": 2}),
+    ("experts_choice", {"capacity_factor": 1.0}),
+    ("soft", {"num_slots": 1})])
+def test_upcycle_other_routers_and_moe_settings(dense, router, extra):
+    up = upcycle(dense, num_experts=4, moe_layers=(3,), router=router,
+                 group_size=4, **extra)
+    assert tuple(up.backbone.moe_layers) == (3,) and up.ensemble_size == 1
+    kernel = to_numpy(up.backbone.encoder_blocks[3].mlp.experts.kernel_1)
+    np.testing.assert_array_equal(
+        kernel, np.broadcast_to(to_numpy(
+            dense.backbone.encoder_blocks[3].mlp.dense_1.kernel),
+            kernel.shape))
+    with pytest.raises(ValueError, match="already has MoE blocks"):
+        upcycle(up, num_experts=4, moe_layers=(1,))
+
+
+def test_errors_name_the_array(fixture):
+    params = dict(fixture["checkpoint"])
+    missing = {k: v for k, v in params.items() if k != "head/bias"}
+    with pytest.raises(ViTCheckpointError, match="missing parameters: "
+                                                 "head/bias"):
+        model_from_vit_npz(missing, keras_e3.E3ViT)
+    wrong = dict(params)
+    wrong["Transformer/encoderblock_2/LayerNorm_2/scale"] = np.ones(31)
+    with pytest.raises(ViTCheckpointError,
+                       match=r"encoderblock_2/LayerNorm_1/scale: got \(31,\)"):
+        model_from_vit_npz(wrong, keras_e3.E3ViT)
+    hybrid = dict(params)  # a ResNet-hybrid ViT's stem
+    hybrid["conv_root/kernel"] = np.zeros((7, 7, 3, 64))
+    hybrid["block1/unit1/conv1/kernel"] = np.zeros((1, 1, 64, 64))
+    with pytest.raises(ViTCheckpointError, match="block1/unit1/conv1/kernel"
+                                                 ", conv_root/kernel"):
+        model_from_vit_npz(hybrid, keras_e3.E3ViT)
+    with pytest.raises(ViTCheckpointError, match="not a vit_jax"):
+        model_from_vit_npz({"embedding/kernel": np.zeros((8, 8, 3, 32))},
+                           keras_e3.E3ViT)
