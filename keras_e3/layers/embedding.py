@@ -20,14 +20,41 @@ def as_pair(value, name):
     return tuple(int(v) for v in pair)
 
 
+RESAMPLING_METHODS = ("vit_zoom", "bilinear", "bicubic")
+
+
 def resample_position_embedding(pos_embedding, old_grid, new_grid,
-                                num_prefix_tokens=1, method="bilinear"):
+                                num_prefix_tokens=1, method="vit_zoom"):
     """Resizes a [1, prefix + h*w, H] position embedding to a new patch grid.
 
     The prefix (class token) embeddings are kept; the grid part is resized
-    with `keras.ops.image.resize` (`method` "bilinear" like vmoe's
-    `vit_zoom`, or "bicubic" like timm). Returns a numpy array.
+    along each axis:
+    - "vit_zoom" (default): vmoe's `vit_zoom` rule and big_vision's /
+      vit_jax's resampling, `scipy.ndimage.zoom(grid, order=1)`: linear
+      interpolation with the corners aligned (output position o reads input
+      position o * (h - 1) / (h' - 1)), in float64;
+    - "bilinear" / "bicubic": `keras.ops.image.resize` with half-pixel
+      centres, no antialiasing (timm's "bicubic" convention).
+
+    Args:
+        pos_embedding: [1, prefix + old_h * old_w, H].
+        old_grid: (old_h, old_w), row-major.
+        new_grid: (new_h, new_w).
+        num_prefix_tokens: leading non-grid tokens (1 with a class token).
+        method: "vit_zoom", "bilinear" or "bicubic".
+
+    Returns:
+        A NumPy array [1, prefix + new_h * new_w, H] of the input's dtype.
+
+    Example:
+    >>> import numpy as np
+    >>> pos = np.arange(1 + 2 * 3, dtype="float32").reshape(1, 7, 1)
+    >>> resample_position_embedding(pos, (2, 3), (3, 5))[0, :, 0].tolist()
+    [0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 2.5, 3.0, 3.5, 4.0, 4.5, 4.0, 4.5, 5.0, 5.5, 6.0]
     """
+    if method not in RESAMPLING_METHODS:
+        raise ValueError(f"method must be one of {RESAMPLING_METHODS}; got "
+                         f"{method!r}.")
     pos_embedding = np.asarray(pos_embedding)
     (oh, ow), (nh, nw) = tuple(old_grid), tuple(new_grid)
     prefix = pos_embedding[:, :num_prefix_tokens]
@@ -38,10 +65,31 @@ def resample_position_embedding(pos_embedding, old_grid, new_grid,
     if (oh, ow) == (nh, nw):
         return pos_embedding
     grid = grid.reshape(1, oh, ow, -1)
-    grid = ops.image.resize(grid, (nh, nw), interpolation=method,
-                            antialias=False, data_format="channels_last")
-    grid = ops.convert_to_numpy(grid).reshape(1, nh * nw, -1)
+    if method == "vit_zoom":
+        grid = np.einsum("ph,bhwc->bpwc", _zoom_matrix(oh, nh),
+                         grid.astype(np.float64))
+        grid = np.einsum("qw,bpwc->bpqc", _zoom_matrix(ow, nw), grid)
+    else:
+        grid = ops.convert_to_numpy(ops.image.resize(
+            grid, (nh, nw), interpolation=method, antialias=False,
+            data_format="channels_last"))
+    grid = np.asarray(grid).reshape(1, nh * nw, -1)
     return np.concatenate([prefix, grid.astype(pos_embedding.dtype)], axis=1)
+
+
+def _zoom_matrix(in_size, out_size):
+    """[out, in] weights of `scipy.ndimage.zoom(order=1)` along one axis
+    (corners aligned: output o reads input o * (in - 1) / (out - 1))."""
+    weights = np.zeros((out_size, in_size))
+    if in_size == 1 or out_size == 1:
+        weights[:, 0] = 1.0
+        return weights
+    position = np.arange(out_size) * ((in_size - 1) / (out_size - 1))
+    low = np.minimum(np.floor(position).astype(int), in_size - 2)
+    frac = position - low
+    weights[np.arange(out_size), low] = 1.0 - frac
+    weights[np.arange(out_size), low + 1] += frac
+    return weights
 
 
 POSITION_EMBEDDINGS = ("learned", "sincos2d", "none")
