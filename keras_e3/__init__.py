@@ -13,6 +13,7 @@ from keras_e3.losses import EnsembleSigmoidCrossEntropy
 from keras_e3.losses import EnsembleSoftmaxCrossEntropy
 from keras_e3.models import E3ViT
 from keras_e3.models import E3ViTBackbone
+from keras_e3.models.upcycle import upcycle
 from keras_e3 import evaluation
 from keras_e3 import presets
 from keras_e3 import training

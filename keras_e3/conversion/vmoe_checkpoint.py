@@ -454,6 +454,18 @@ def checkpoint_url(prefix):
     return prefix
 
 
+def cache_root(cache_dir=None):
+    """The download cache: `cache_dir`, else $KERAS_E3_CACHE, else
+    $KERAS_HOME/keras_e3 (~/.keras/keras_e3)."""
+    return _cache_root(cache_dir)
+
+
+def download_file(url, directory, fname):
+    """Downloads `url` to directory/fname unless already there (a temporary
+    name renamed when complete); returns the local path."""
+    return _download(url, directory, fname)
+
+
 def _cache_root(cache_dir):
     if cache_dir is not None:
         return os.path.expanduser(os.fspath(cache_dir))

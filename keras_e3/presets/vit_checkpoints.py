@@ -1,0 +1,88 @@
+"""Dense ViT checkpoints as presets: `E3ViT.from_preset("path/or/url.npz")`.
+
+A vit_jax / big_vision `.npz` (a local file, an http(s):// URL, or a
+`gs://bucket/path` read through its public https address) is converted
+once into a preset directory in the cache (`<cache>/presets/vit-<first 16
+hex digits of the file's sha256>`; `<cache>` as for the official
+checkpoints: $KERAS_E3_CACHE, else $KERAS_HOME/keras_e3), written
+atomically and verified on reuse like every cached preset; remote files are
+downloaded once under `<cache>/vit/<hash of the URL>/`. From there the
+usual preset overrides apply (`image_size=` resamples the position
+embedding by vmoe's vit_zoom, `num_classes=` attaches a fresh head).
+
+The converted model is a dense `E3ViT` (see `keras_e3.conversion.vit_jax`)
+with vit_jax's evaluation preprocessing as its converter: the image resized
+to the model's size (bilinear) and 0..255 mapped to [-1, 1].
+"""
+
+import hashlib
+import os
+
+import keras
+
+from keras_e3.presets import files as preset_io
+from keras_e3.presets.builtin import TASK_CLASS
+from keras_e3.presets.files import PresetError
+
+
+def is_vit_npz(handle):
+    """Whether a preset handle names a dense ViT .npz."""
+    return isinstance(handle, (str, os.PathLike)) and os.fspath(
+        handle).lower().endswith(".npz")
+
+
+def _local_file(handle, cache_dir=None):
+    from keras_e3.conversion.vmoe_checkpoint import cache_root
+    from keras_e3.conversion.vmoe_checkpoint import checkpoint_url
+    from keras_e3.conversion.vmoe_checkpoint import download_file
+    from keras_e3.conversion.vmoe_checkpoint import is_remote
+
+    handle = os.fspath(handle)
+    if not is_remote(handle):
+        if not os.path.isfile(handle):
+            raise PresetError(f"No such .npz checkpoint: {handle!r}.")
+        return handle
+    url = checkpoint_url(handle)
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    directory = os.path.join(cache_root(cache_dir), "vit", digest)
+    os.makedirs(directory, exist_ok=True)
+    return download_file(url, directory, url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _file_digest(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def materialize_vit_npz(handle, cache_dir=None):
+    """A verified preset directory for the .npz `handle` (module
+    docstring); converted on first use."""
+    from keras_e3.conversion.vit_jax import model_from_vit_npz
+    from keras_e3.conversion.vmoe_checkpoint import cache_root
+    from keras_e3.preprocessing.image_converter import ImageConverter
+
+    local = _local_file(handle, cache_dir)
+    target = os.path.join(cache_root(cache_dir), "presets",
+                          "vit-" + _file_digest(local)[:16])
+    if os.path.isfile(os.path.join(target, preset_io.METADATA_FILE)):
+        try:
+            preset_io.verify_preset(target)
+            return target
+        except PresetError:
+            pass  # damaged cache: convert again (written atomically)
+    task_cls = keras.saving.get_registered_object(TASK_CLASS)
+    if task_cls is None:  # registered when keras_e3.models is imported
+        raise RuntimeError(f"{TASK_CLASS} is not registered: import "
+                           "keras_e3 first.")
+    model = model_from_vit_npz(local, task_cls)
+    backbone = model.backbone
+    model.preprocessor = ImageConverter(
+        image_size=tuple(backbone.embedding.image_size),
+        num_channels=backbone.num_channels, interpolation="bilinear",
+        input_range=(0.0, 255.0), value_range=(-1.0, 1.0))
+    model.save_to_preset(target, extra_metadata={
+        "source": os.fspath(handle), "format": "vit_jax npz"})
+    return target
