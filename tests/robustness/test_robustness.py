@@ -89,6 +89,7 @@ def test_rows_equal_metrics_of_predict_members(models, data, kind):
                     row, name)
 
 
+@pytest.mark.single_backend  # argument handling: 96 predict calls
 def test_defaults_and_lists_of_sizes(models, data):
     """Every corruption at every severity by default; images of different
     sizes as a list; a model without predict_members is refused."""
