@@ -140,6 +140,17 @@ def seed_summary(rows, ensembles):
     return out
 
 
+def rounded(value):
+    """Floats rounded to 5 decimals (the JSON stays small)."""
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
 def fmt(values, scale=1.0, digits=2):
     values = [v for v in values if v is not None]
     if not values:
@@ -223,7 +234,7 @@ def main(argv=None):
             "per_seed": per_seed, "complete": seed == args.seeds[-1],
             "wall_seconds": round(time.perf_counter() - started, 1),
             "table_markdown": table(per_seed)}
-        write_json_atomic(args.out, payload)
+        write_json_atomic(args.out, rounded(payload))
         print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)",
               flush=True)
     print(table(per_seed))
