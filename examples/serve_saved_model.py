@@ -8,26 +8,24 @@ then, anywhere TensorFlow is installed:
 
     python examples/serve_saved_model.py served IMAGE.png... [--json]
 
-The served function (`serve`) takes raw uint8 images [B, H, W, C] of the
-preset's raw size (8x8x1 pixel values 0..16 for the digits preset) and
-returns `member_logits` [B, M, C] and `ensemble_probabilities` [B, C]. The
-images here are decoded with TensorFlow and resized to the served size if
-they differ from it.
+The SavedModel serves two functions, both through the preset's own
+ImageConverter (for the digits preset: 1 channel, bilinear resize to
+32x32, 0..255 -> [-1, 1]):
+
+- `serve(images)`: raw uint8 images [B, H, W, C] of any height and width
+  (a batch of equal-size images; C the model's channels, 1 for the digits);
+- `serve_encoded(encoded)`: a batch of encoded image files, tf.string [B]
+  (PNG, JPEG, GIF, BMP, any sizes), each decoded and converted on its own.
+
+Each returns `member_logits` [B, M, C] and `ensemble_probabilities` [B, C].
+This script feeds each file's bytes, as they are, to `serve_encoded`: no
+resizing or cropping here, the served graph does what `model.predict` does.
 """
 
 import argparse
 import json
 
 import tensorflow as tf
-
-
-def load(path, height, width, channels):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                               expand_animations=False)
-    if tuple(image.shape[:2]) != (height, width):
-        image = tf.cast(tf.round(tf.image.resize(image, (height, width))),
-                        tf.uint8)
-    return image
 
 
 def main():
@@ -39,15 +37,11 @@ def main():
     args = parser.parse_args()
 
     loaded = tf.saved_model.load(args.saved_model)  # owns the variables
-    serve = loaded.serve
-    spec = serve.input_signature[0] if serve.input_signature else None
-    if spec is None or spec.dtype != tf.uint8:
-        raise SystemExit(f"{args.saved_model} does not take raw uint8 images:"
+    if not hasattr(loaded, "serve_encoded"):
+        raise SystemExit(f"{args.saved_model} does not take encoded images:"
                          " export it with --include-preprocessing.")
-    _, height, width, channels = spec.shape
-    images = tf.stack([load(p, height, width, channels)
-                       for p in args.images])
-    outputs = serve(images)
+    encoded = tf.constant([tf.io.read_file(p).numpy() for p in args.images])
+    outputs = loaded.serve_encoded(encoded)
     logits = outputs["member_logits"].numpy()
     probs = outputs["ensemble_probabilities"].numpy()
     if args.json:

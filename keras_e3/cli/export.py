@@ -10,13 +10,19 @@ def add_parser(commands):
                        "(TensorFlow SavedModel, ONNX or LiteRT)")
     parser.add_argument("preset")
     parser.add_argument("out", help="SavedModel directory, .onnx or "
-                                    ".tflite file (written atomically)")
-    parser.add_argument("--format", default="saved_model",
-                        choices=("saved_model", "onnx", "litert"))
+                                    ".tflite file (written atomically); "
+                                    "its extension picks the format")
+    parser.add_argument("--format", default=None,
+                        choices=("saved_model", "onnx", "litert"),
+                        help="the format (default: from OUT's extension: "
+                             ".onnx -> onnx, .tflite -> litert, else "
+                             "saved_model); must agree with OUT's name")
     parser.add_argument("--include-preprocessing", action="store_true",
-                        help="serve raw uint8 images with the preset's "
-                             "preprocessing; output member logits and "
-                             "ensemble probabilities")
+                        help="serve raw uint8 images of any size [B, H, W, "
+                             "C] (and, in a SavedModel, encoded image "
+                             "files) through the preset's ImageConverter; "
+                             "output member logits and ensemble "
+                             "probabilities")
 
 
 def run_command(args, parser):
