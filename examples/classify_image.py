@@ -11,11 +11,7 @@ preset works, e.g. a directory written by `keras-e3 finetune` or
 
 import argparse
 
-import keras
-import numpy as np
-
 import keras_e3
-from keras_e3.data import load_images
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="e3_tiny_digits")
@@ -23,10 +19,9 @@ parser.add_argument("images", nargs="+")
 args = parser.parse_args()
 
 model = keras_e3.E3ViT.from_preset(args.preset)
-images = load_images(args.images, model.preprocessor_config)
-member_logits = np.asarray(keras.ops.convert_to_numpy(model(images)))
-if member_logits.ndim == 2:  # a dense ViT or V-MoE: one member
-    member_logits = member_logits[:, None]
+# predict decodes the files and converts them with the preset's converter
+# (model.preprocessor); [B, M, C] member logits (M = 1 for a ViT / V-MoE).
+member_logits = model.predict_members(args.images)
 log_probs = keras_e3.ensemble_log_probs(member_logits)  # [B, C]
 names = getattr(model, "class_names", None)
 for path, logits in zip(args.images, member_logits):

@@ -43,7 +43,9 @@ if folder is None:  # a stand-in data set: inverted digits 0-4 as PNG files
                                  scale=False)
 
 model = keras_e3.E3ViT.from_preset(args.preset)
-x, y, classes = load_image_folder(folder, model.preprocessor_config)
+# The folder's sub-folders are new classes (class_names=None); every image
+# goes through the preset's converter, as model.predict would convert it.
+x, y, classes = load_image_folder(folder, model.preprocessor)
 test = np.setdiff1d(np.arange(len(y)), sample_k_shot(y, max(args.shots)))
 probe = keras_e3.fewshot.fewshot_evaluate(model, (x, y), (x[test], y[test]),
                          shots=args.shots, seeds=(0,))

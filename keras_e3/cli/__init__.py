@@ -1,12 +1,18 @@
 """The `keras-e3` command line: one module per command, each with
-`add_parser(commands)` and `run_command(args, parser)`."""
+`add_parser(commands)` and `run_command(args, parser)`.
+
+The console script is `keras_e3_launcher:main` (a module outside this
+package), which sets KERAS_BACKEND from `--backend` before anything
+imports Keras, then calls `main` here.
+"""
 
 import argparse
 import os
 import sys
 
-COMMANDS = ("demo", "convert", "upload", "export", "presets", "finetune",
-            "predict", "evaluate")
+BACKENDS = ("jax", "tensorflow", "torch")
+COMMANDS = ("demo", "convert", "upload", "export", "presets", "upcycle",
+            "finetune", "predict", "evaluate")
 
 
 def _modules():
@@ -19,7 +25,7 @@ def _modules():
 def _parser(modules):
     parser = argparse.ArgumentParser(
         prog="keras-e3", description="V-MoE and E³ models for Keras 3.")
-    parser.add_argument("--backend", choices=("jax", "tensorflow", "torch"),
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="Keras backend (default: $KERAS_BACKEND)")
     commands = parser.add_subparsers(dest="command", required=True)
     for module in modules.values():
@@ -27,13 +33,35 @@ def _parser(modules):
     return parser
 
 
-def main(argv=None):
-    # The backend is chosen before the commands import Keras.
+def requested_backend(argv):
+    """The --backend of a command line (None if not given)."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--backend")
     known, _ = early.parse_known_args(argv)
-    if known.backend in ("jax", "tensorflow", "torch"):
-        os.environ["KERAS_BACKEND"] = known.backend
+    return known.backend
+
+
+def main(argv=None):
+    """Runs the `keras-e3` command line `argv` (default: sys.argv[1:]);
+    returns the exit status.
+
+    `--backend` must be chosen before Keras is imported: the `keras-e3`
+    console script (`keras_e3_launcher`) sets KERAS_BACKEND first. Called
+    in a process where Keras is already loaded with another backend,
+    `--backend` is an error (exit status 2) rather than ignored.
+    """
+    backend = requested_backend(argv)
+    if backend in BACKENDS:
+        loaded = _loaded_backend()
+        if loaded is not None and loaded != backend:
+            sys.stderr.write(
+                f"keras-e3: --backend {backend}: Keras is already loaded "
+                f"with the {loaded} backend in this process, and its "
+                "backend cannot change once imported. Run the keras-e3 "
+                "command (or python -m keras_e3_launcher), or set "
+                f"KERAS_BACKEND={backend} before importing Keras.\n")
+            return 2
+        os.environ["KERAS_BACKEND"] = backend
     modules = _modules()
     parser = _parser(modules)
     args = parser.parse_args(argv)
@@ -50,6 +78,15 @@ def main(argv=None):
         if "pip install" not in str(e):
             raise
         parser.exit(1, f"keras-e3 {args.command}: {e}\n")
+
+
+def _loaded_backend():
+    """The backend of the Keras already imported in this process, or
+    None."""
+    keras = sys.modules.get("keras")
+    if keras is None:
+        return None
+    return keras.backend.backend()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Loads the `e3_tiny_digits` preset (shipped inside the package, no network),
 evaluates it on the held-out split of scikit-learn's digits and prints
 accuracy, NLL and ECE for each ensemble member and for the ensemble; with
 an image file, also prints each member's and the ensemble's prediction.
+Both are `model.predict` on raw images (the 8x8 uint8 digits, the file),
+converted by the preset's own converter (`model.preprocessor`). The first
+line names the Keras backend.
 """
 
 import os
@@ -11,8 +14,7 @@ import time
 
 import keras
 
-from keras_e3.data import load_images
-from keras_e3.data.digits import load_digits_splits
+from keras_e3.data.folder import digits_images
 from keras_e3.evaluation.report import describe_members
 from keras_e3.metrics import evaluate_predictions
 from keras_e3.models import E3ViT
@@ -50,9 +52,8 @@ def run(image_path=None, preset=DEFAULT_PRESET):
     started = time.time()
     model = E3ViT.from_preset(preset)
     backbone = model.backbone
-    pre = model.preprocessor_config
-    _, (x_test, y_test) = load_digits_splits(
-        image_size=pre["image_size"][0], num_channels=pre["num_channels"])
+    # The raw held-out digits; predict converts them (model.preprocessor).
+    x_test, y_test = digits_images("test", model)
     logits = model.predict_members(x_test, batch_size=128)
     report = evaluate_predictions(logits, y_test)
     print(f"{preset}: E³ with {backbone.num_experts} experts in "
@@ -67,7 +68,7 @@ def run(image_path=None, preset=DEFAULT_PRESET):
     if image_path:
         names = getattr(model, "class_names", None) or [
             f"digit {i}" for i in range(model.num_classes)]
-        image_logits = model.predict_members(load_images([image_path], pre))
+        image_logits = model.predict_members(image_path)
         print(f"{image_path}:")
         for line in describe_members(image_logits[0], names):
             print("  " + line)

@@ -1,4 +1,10 @@
-"""Input pipelines, preprocessing, augmentation and k-shot sampling.
+"""Input pipelines, datasets, augmentation and k-shot sampling.
+
+Raw images are turned into model inputs by the model's converter
+(`model.preprocessor`, a `keras_e3.ImageConverter`) at every loader:
+`from_arrays`, `from_directory`, `from_tfds`, `load_images`,
+`load_image_folder` and `load_dataset` take it (or the model) as
+`preprocessor`.
 
 Importing this package needs neither TensorFlow nor TensorFlow Datasets:
 `from_directory` and `from_tfds` import them when called.
@@ -13,6 +19,4 @@ from keras_e3.data.pipeline import ArrayDataset
 from keras_e3.data.pipeline import from_arrays
 from keras_e3.data.pipeline import from_directory
 from keras_e3.data.pipeline import from_tfds
-from keras_e3.data.preprocessing import ImagePreprocessor
-from keras_e3.data.preprocessing import preprocess_images
 from keras_e3.data.sampling import sample_k_shot

@@ -17,7 +17,10 @@ and evaluated on:
 
 `digits_converter()` is the ImageConverter that makes these inputs from
 8x8 uint8 images (value * 255 / 16); `digits_preprocessor()` is its
-serialisation, a preset's `preprocessor.json`.
+serialisation, a preset's `preprocessor.json`. `load_raw_digits_splits()`
+gives those raw 8x8 uint8 images (what PNG files of the digits hold), the
+input of a model's own converter (the "digits" dataset of the command
+line).
 """
 
 import numpy as np
@@ -141,6 +144,27 @@ def split_fingerprint(test_fraction=0.25, seed=0):
 
     _, test = split_indices(test_fraction, seed)
     return hashlib.sha256(test.astype("<i8").tobytes()).hexdigest()
+
+
+def load_raw_digits_splits(test_fraction=0.25, seed=0):
+    """((x_train, y_train), (x_test, y_test)) of the raw digits: uint8
+    [N, 8, 8, 1] images (`to_uint8`: round(v * 255 / 16), as image files
+    of them hold) and int32 labels, split as `load_digits_splits`.
+
+    These are raw images for a model's converter (`model.predict(x)`,
+    `model.preprocessor(x)`): with the `*_tiny_digits` presets' converter
+    they give the presets' inputs.
+
+    Example:
+    >>> (x_train, y_train), (x_test, y_test) = load_raw_digits_splits()
+    >>> x_test.shape, x_test.dtype
+    ((450, 8, 8, 1), dtype('uint8'))
+    """
+    images, labels = load_digits_raw()
+    train, test = stratified_split(labels, test_fraction, seed)
+    x = to_uint8(images)[..., None]
+    y = np.asarray(labels, dtype=np.int32)
+    return (x[train], y[train]), (x[test], y[test])
 
 
 def load_digits_splits(image_size=32, num_channels=1, test_fraction=0.25,

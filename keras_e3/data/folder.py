@@ -1,48 +1,96 @@
-"""Whole datasets as NumPy arrays, for the CLI and for k-shot sampling.
+"""Whole datasets as model inputs (NumPy), for the CLI and k-shot sampling.
 
-`load_dataset(spec, preprocessor, split)` understands
+Every image goes through the model's converter (`model.preprocessor`, a
+`keras_e3.ImageConverter`), so the arrays are what `model.predict` feeds
+the model for the same images (files of any size, gray or RGB, PNG or
+JPEG).
+
+`load_dataset(spec, preprocessor, split, class_names)` understands
   - "digits": scikit-learn's handwritten digits (shipped with the package
-    scikit-learn, no download), the fixed-seed split the `*_tiny_digits`
-    presets use (`split` "train" or "test");
-  - a directory with one sub-folder of images per class (sorted names are
-    the classes, as `keras.utils.image_dataset_from_directory`).
+    scikit-learn, no download) as raw 8x8 uint8 images (what PNG files of
+    them hold; `keras_e3.data.digits.load_raw_digits_splits`), the
+    fixed-seed split the `*_tiny_digits` presets use (`split` "train" or
+    "test");
+  - a directory with one sub-folder of images per class.
+
+Class names: given the model's `class_names`, each sub-folder is the class
+of that name (folders 0/ 1/ 7/ with a digits model are classes 0, 1 and 7;
+names the model does not have are a ValueError listing both). Without
+`class_names`, the sorted sub-folder names are the classes (a new task,
+as `keras-e3 finetune` trains a new head on).
 """
 
 import os
 
 import numpy as np
 
+from keras_e3.preprocessing.image_converter import ImageConverter
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BUILTIN_DATASETS = ("digits",)
 
 
+def as_converter(preprocessor, caller="This loader"):
+    """The `ImageConverter` of `preprocessor`: a converter, or a model whose
+    `preprocessor` is one. Anything else (a flat preprocessor dict, None,
+    a model without a converter) is a ValueError saying what to pass."""
+    if isinstance(preprocessor, ImageConverter):
+        return preprocessor
+    converter = getattr(preprocessor, "preprocessor", None)
+    if isinstance(converter, ImageConverter):
+        return converter
+    if hasattr(preprocessor, "backbone"):
+        raise ValueError(
+            f"{caller}: the model has no converter (model.preprocessor is "
+            "None); build it with E3ViT(backbone, num_classes, "
+            "preprocessor=keras_e3.ImageConverter(...)) or load a preset.")
+    hint = (" Flat preprocessor dicts are no longer accepted: "
+            "keras_e3.ImageConverter.from_preset_config(d) turns one into a "
+            "converter." if isinstance(preprocessor, dict) else "")
+    raise ValueError(
+        f"{caller} takes the model's converter: preprocessor must be a "
+        "keras_e3.ImageConverter (model.preprocessor) or a model that has "
+        f"one; got {type(preprocessor).__name__}.{hint}")
+
+
 def load_images(paths, preprocessor):
-    """Image files -> a float32 batch [N, H, W, C] for a preset's
-    preprocessor config; a missing or unreadable file is a ValueError
-    naming it."""
-    import keras
+    """Image files -> model inputs float32 [N, H, W, C].
 
-    from keras_e3.data.preprocessing import ImagePreprocessor
+    Args:
+        paths: image files (any size; gray, RGB, RGBA or palette).
+        preprocessor: the model's converter (`model.preprocessor`) or the
+            model.
 
-    # Image files hold 0..255 pixels, whatever the preset's source_range
-    # (which describes its training arrays, e.g. digits' 0..16).
-    preprocess = ImagePreprocessor.from_config(preprocessor,
-                                               source_range=(0, 255))
-    mode = {1: "grayscale", 4: "rgba"}.get(preprocess.num_channels, "rgb")
-    images = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"No such image file: {path!r}.")
-        try:
-            image = keras.utils.load_img(path, color_mode=mode)
-        except Exception as e:  # noqa: BLE001 - PIL's many error types
-            raise ValueError(f"Cannot read image {path!r}: {e}") from e
-        images.append(preprocess(keras.utils.img_to_array(image)))
-    return np.stack(images)
+    Returns:
+        `converter(path)` of each file, stacked: what `model.predict(paths)`
+        feeds the model. A missing or unreadable file is a ValueError
+        naming it.
+
+    Example:
+    >>> x = load_images(["a.png", "b.jpg"], model.preprocessor)
+    """
+    converter = as_converter(preprocessor, "load_images")
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("No image files given.")
+    return np.concatenate([convert_file(converter, p) for p in paths])
 
 
-def load_image_folder(directory, preprocessor):
-    """(images [N, H, W, C] float32, labels [N] int32, class_names)."""
+def convert_file(converter, path):
+    """`converter(path)` ([1, H, W, C]); a ValueError naming the file if it
+    cannot be read or converted."""
+    try:
+        return converter(path)
+    except ValueError as e:
+        message = str(e)
+        if path not in message:
+            message = f"{path}: {message}"
+        raise ValueError(message) from e
+
+
+def folder_class_names(directory):
+    """The sorted class sub-folder names of `directory` (hidden folders
+    skipped); a ValueError if there is no such folder or none inside."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise ValueError(f"No such image folder: {directory!r}.")
@@ -52,33 +100,183 @@ def load_image_folder(directory, preprocessor):
     if not classes:
         raise ValueError(f"{directory!r} has no class sub-folders (expected "
                          f"{directory}/<class name>/<image files>).")
-    images, labels = [], []
-    for label, name in enumerate(classes):
+    return classes
+
+
+def match_class_names(names, class_names, where):
+    """{name: index in class_names} for each of `names`; a ValueError
+    listing both when some name is not among `class_names`. ImageNet
+    synset ids ("n01440764") match the imagenet2012 label set's names."""
+    class_names = [str(n) for n in class_names]
+    index = {n: i for i, n in enumerate(class_names)}
+    if len(class_names) == 1000:
+        from keras_e3.data import labels as label_sets
+
+        if class_names == label_sets.class_names("imagenet2012"):
+            index.update({s: i for i, s in
+                          enumerate(label_sets.synsets("imagenet2012"))})
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        shown = class_names if len(class_names) <= 30 else (
+            class_names[:30] + [f"... ({len(class_names)} in all)"])
+        raise ValueError(
+            f"The classes of {where} ({', '.join(unknown)}) are not among "
+            f"the model's class names ({', '.join(shown)}). Name the "
+            "sub-folders after the model's classes (for a new task, "
+            "fine-tune a new head: keras-e3 finetune).")
+    return {n: index[n] for n in names}
+
+
+def index_image_folder(directory, class_names=None,
+                       extensions=IMAGE_EXTENSIONS):
+    """(paths, labels int32 [N], names) of an image folder.
+
+    Args:
+        directory: `directory/<class name>/<image files>`.
+        class_names: the model's class names: each sub-folder's label is
+            the index of its name there (else a ValueError listing both).
+            None: the sorted sub-folder names are the classes.
+        extensions: the image files' extensions (lower case).
+
+    Returns:
+        The files (sorted per class, classes in sorted folder order), their
+        labels, and the class names the labels index (`class_names`, or
+        the sub-folder names).
+    """
+    directory = os.fspath(directory)
+    folders = folder_class_names(directory)
+    if class_names is None:
+        names = folders
+        index = {n: i for i, n in enumerate(folders)}
+    else:
+        names = [str(n) for n in class_names]
+        index = match_class_names(folders, names, repr(directory))
+    paths, labels = [], []
+    for name in folders:
         folder = os.path.join(directory, name)
         files = sorted(f for f in os.listdir(folder)
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+                       if f.lower().endswith(tuple(extensions)))
         if not files:
             raise ValueError(f"Class folder {folder!r} has no images "
-                             f"({', '.join(IMAGE_EXTENSIONS)}).")
-        images.append(load_images([os.path.join(folder, f) for f in files],
-                                  preprocessor))
-        labels += [label] * len(files)
-    return np.concatenate(images), np.asarray(labels, np.int32), classes
+                             f"({', '.join(extensions)}).")
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [index[name]] * len(files)
+    return paths, np.asarray(labels, np.int32), list(names)
 
 
-def load_dataset(spec, preprocessor, split="test"):
-    """(images, labels, class_names) for a dataset spec (module doc)."""
+def load_image_folder(directory, preprocessor, class_names=None):
+    """An image folder as model inputs.
+
+    Args:
+        directory: `directory/<class name>/<image files>` (PNG, JPEG, BMP,
+            GIF, WebP; any size; gray, RGB or RGBA).
+        preprocessor: the model's converter (`model.preprocessor`) or the
+            model.
+        class_names: the model's class names (see `index_image_folder`):
+            sub-folders are labelled by name; None: the sorted sub-folder
+            names are new classes 0, 1, ...
+
+    Returns:
+        (images float32 [N, H, W, C], labels int32 [N], class_names).
+
+    Example:
+    >>> x, y, names = load_image_folder("photos/", model.preprocessor,
+    ...                                 class_names=model.class_names)
+    """
+    converter = as_converter(preprocessor, "load_image_folder")
+    paths, labels, names = index_image_folder(directory, class_names)
+    return load_images(paths, converter), labels, names
+
+
+def digits_images(split, preprocessor):
+    """(raw images, labels int32) of the digits' `split` ("train" or
+    "test"): uint8 [N, 8, 8, 1] (`to_uint8`) for a converter of 0..255
+    pixels; for a converter of another input range (an older preset's
+    `source_range`, e.g. 0..16) the same digits as floats in that range."""
+    from keras_e3.data.digits import SOURCE_RANGE
+    from keras_e3.data.digits import load_raw_digits_splits
+
+    converter = as_converter(preprocessor, "digits_images")
+    if split not in ("train", "test"):
+        raise ValueError(f'split must be "train" or "test"; got {split!r}.')
+    train, test = load_raw_digits_splits()
+    x, y = {"train": train, "test": test}[split]
+    lo, hi = converter.input_range
+    if (lo, hi) != (0.0, 255.0):
+        # The whole 0..16 values back (to_uint8 is invertible), mapped
+        # linearly into the converter's input range.
+        digits = np.round(x.astype(np.float64) * SOURCE_RANGE[1] / 255.0)
+        x = (lo + digits / SOURCE_RANGE[1] * (hi - lo)).astype(np.float32)
+    return x, y
+
+
+def load_dataset(spec, preprocessor, split="test", class_names=None):
+    """(images, labels, class_names) of a dataset spec (module doc).
+
+    Args:
+        spec: "digits" or a folder of class sub-folders.
+        preprocessor: the model's converter (`model.preprocessor`) or the
+            model.
+        split: "train" or "test" (digits only; a folder is one set).
+        class_names: the model's class names, to label by name (a
+            ValueError if the dataset's classes are not among them); None:
+            the dataset's own classes.
+
+    Returns:
+        (images float32 [N, H, W, C] as the model takes them, labels int32
+        [N], class names).
+    """
+    converter = as_converter(preprocessor, "load_dataset")
     if spec == "digits":
-        from keras_e3.data.digits import load_digits_splits
-
-        size = preprocessor.get("image_size", [32, 32])
-        train, test = load_digits_splits(
-            image_size=int(size[0]),
-            num_channels=int(preprocessor.get("num_channels", 1)))
-        x, y = {"train": train, "test": test}[split]
-        return x, y, [str(i) for i in range(10)]
+        x, y = digits_images(split, converter)
+        names = [str(i) for i in range(10)]
+        if class_names is not None:
+            mapping = match_class_names(names, class_names, '"digits"')
+            y = np.asarray([mapping[names[v]] for v in y], np.int32)
+            names = [str(n) for n in class_names]
+        return converter(x), y, names
     if not os.path.isdir(os.fspath(spec)):
         raise ValueError(f"Unknown dataset {spec!r}: expected one of "
                          f"{BUILTIN_DATASETS} or a folder of class "
                          "sub-folders of images.")
-    return load_image_folder(spec, preprocessor)
+    return load_image_folder(spec, converter, class_names)
+
+
+def load_raw_dataset(spec, split="test", class_names=None):
+    """A dataset spec's raw images, for transformations of the pixels
+    themselves (e.g. `keras_e3.data.corrupt`) before a model's converter.
+
+    Args:
+        spec: "digits" (uint8 [N, 8, 8, 1], `to_uint8`) or a folder of
+            class sub-folders (every file decoded to uint8 [H, W, C], any
+            size; gray, RGB, RGBA as stored).
+        split: "train" or "test" (digits only).
+        class_names: as in `load_dataset`.
+
+    Returns:
+        (images: a uint8 array or a list of uint8 arrays, labels int32
+        [N], class names).
+    """
+    from keras_e3.preprocessing.image_converter import decode_image
+
+    if spec == "digits":
+        from keras_e3.data.digits import load_raw_digits_splits
+
+        if split not in ("train", "test"):
+            raise ValueError(f'split must be "train" or "test"; got '
+                             f"{split!r}.")
+        train, test = load_raw_digits_splits()
+        x, y = {"train": train, "test": test}[split]
+        names = [str(i) for i in range(10)]
+        if class_names is not None:
+            mapping = match_class_names(names, class_names, '"digits"')
+            y = np.asarray([mapping[names[v]] for v in y], np.int32)
+            names = [str(n) for n in class_names]
+        return x, y, names
+    if not os.path.isdir(os.fspath(spec)):
+        raise ValueError(f"Unknown dataset {spec!r}: expected one of "
+                         f"{BUILTIN_DATASETS} or a folder of class "
+                         "sub-folders of images.")
+    paths, labels, names = index_image_folder(spec, class_names)
+    return [decode_image(p) for p in paths], labels, names
+

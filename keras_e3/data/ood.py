@@ -1,10 +1,11 @@
 """Out-of-distribution data sets for `keras-e3 evaluate --ood-data`.
 
-"noise" (uniform noise in the model's value range, as many images as the
-in-distribution set, fixed seed), "<dataset>-inverted" (values mirrored
-within the value range: white digits on black become black on white),
-"<dataset>-rotated" (each image rotated by 90 degrees) for a built-in
-dataset, or a folder of images (its labels are ignored).
+"noise" (raw pixels uniform over the converter's input range, as many
+images of the model's size as the in-distribution set, fixed seed),
+"<dataset>-inverted" (raw pixels mirrored within their range: white digits
+on black become black on white), "<dataset>-rotated" (each raw image
+rotated by 90 degrees) for a built-in dataset, or a folder of images (its
+labels are ignored). All are raw images through the model's converter.
 """
 
 import os
@@ -12,6 +13,8 @@ import os
 import numpy as np
 
 from keras_e3.data.folder import BUILTIN_DATASETS
+from keras_e3.data.folder import as_converter
+from keras_e3.data.folder import digits_images
 from keras_e3.data.folder import load_dataset
 
 OOD_TRANSFORMS = ("inverted", "rotated")
@@ -42,21 +45,40 @@ def _ood_transform(spec):
 
 
 def load_ood_dataset(spec, preprocessor, images):
-    """OOD images for `spec` (module doc); `images` is the in-distribution
-    set, whose count and shape "noise" copies."""
-    low, high = [float(v) for v in preprocessor.get("value_range",
-                                                    (-1.0, 1.0))]
+    """OOD images for `spec` (module doc), as model inputs.
+
+    Args:
+        spec: "noise", "<dataset>-inverted", "<dataset>-rotated" or a
+            folder of images (its labels ignored).
+        preprocessor: the model's converter (`model.preprocessor`) or the
+            model: every OOD image is a raw image through it, as
+            `model.predict` would convert it.
+        images: the in-distribution model inputs [N, H, W, C], whose count
+            and shape "noise" copies.
+
+    Returns:
+        float32 [N', H, W, C].
+    """
+    converter = as_converter(preprocessor, "load_ood_dataset")
+    lo, hi = converter.input_range
     if spec == "noise":
+        # Raw pixels uniform over the converter's input range.
         rng = np.random.default_rng(NOISE_SEED)
-        return rng.uniform(low, high, size=images.shape).astype(np.float32)
+        raw = rng.uniform(lo, hi, size=np.shape(images)).astype(np.float32)
+        if (lo, hi) == (0.0, 255.0):
+            raw = np.round(raw).astype(np.uint8)
+        return converter(raw)
     if not os.path.isdir(os.fspath(spec)):
         parsed = _ood_transform(spec)
         if parsed is None:
             check_dataset_spec(spec, "--ood-data", ood=True)
         base, transform = parsed
-        x, _, _ = load_dataset(base, preprocessor, split="test")
-        if transform == "inverted":
-            return (low + high - x).astype(np.float32)
-        return np.ascontiguousarray(np.rot90(x, k=1, axes=(1, 2)))
-    x, _, _ = load_dataset(spec, preprocessor, split="test")
+        raw, _ = digits_images("test", converter)
+        if transform == "inverted":  # mirrored within the pixel range
+            raw = (255 - raw if raw.dtype == np.uint8
+                   else (lo + hi - raw).astype(np.float32))
+        else:
+            raw = np.ascontiguousarray(np.rot90(raw, k=1, axes=(1, 2)))
+        return converter(raw)
+    x, _, _ = load_dataset(spec, converter, split="test")
     return x

@@ -1,44 +1,128 @@
 """Input pipelines yielding `(images, labels)` batches for `model.fit`.
 
-- `from_arrays`: NumPy arrays -> a `keras.utils.PyDataset` (no
-  TensorFlow needed; works with every backend).
+- `from_arrays`: images in memory (arrays of any size, lists of images of
+  different sizes, file paths, encoded bytes) -> a `keras.utils.PyDataset`
+  (no TensorFlow needed; works with every backend).
 - `from_directory`: a folder of images, one sub-folder per class ->
-  `tf.data.Dataset` (`keras.utils.image_dataset_from_directory`).
+  `tf.data.Dataset`.
 - `from_tfds`: a TensorFlow Datasets dataset already prepared in
   `data_dir` -> `tf.data.Dataset`.
+
+Each converts raw images with the model's converter, `preprocessor`: a
+`keras_e3.ImageConverter` (`model.preprocessor`) or the model itself, so
+that the batches are exactly what `model.predict` feeds the model for the
+same images. `from_arrays` calls the converter on the host (NumPy);
+`from_directory` and `from_tfds` call its TensorFlow ops
+(`converter.convert_tf`, which also decodes the image files) inside the
+`tf.data` map. An optional `augment` (`make_augmentation(...)`) is applied
+to training batches after conversion.
 
 `tf.data` pipelines feed `fit` on JAX and PyTorch too, but need
 TensorFlow installed (`pip install keras-e3[tensorflow,data]`); it is
 imported only when these functions are called.
 
-Each takes a `preprocessor` (an `ImagePreprocessor` or a preset's
-preprocessor config dict) and an optional `augment`
-(`make_augmentation(...)`), applied to training batches after
-preprocessing.
+Labels: integer class indices in [0, num_classes); strings are mapped
+through `class_names` (the model's by default when a model is given);
+one-hot or soft labels [N, num_classes] are passed as they are (compile
+the loss with `sparse=False`). Anything else is a ValueError.
 """
 
 import math
+import os
 
 import keras
 import numpy as np
 
-from keras_e3.data.preprocessing import ImagePreprocessor
+from keras_e3.data.folder import as_converter
+from keras_e3.data.folder import index_image_folder
+
+
+def _model_defaults(preprocessor, num_classes, class_names):
+    """num_classes / class_names from a model given as the preprocessor."""
+    if hasattr(preprocessor, "backbone"):
+        if num_classes is None:
+            num_classes = getattr(preprocessor, "num_classes", None)
+        if class_names is None:
+            class_names = getattr(preprocessor, "class_names", None)
+    return num_classes, class_names
+
+
+def prepare_dataset_labels(labels, num_classes=None, class_names=None):
+    """Labels checked by `keras_e3.data.targets.prepare_labels`, kept in
+    their form (int32 indices [N] or float32 rows [N, C]); strings mapped
+    through `class_names`. Without `num_classes` (nor `class_names`), only
+    what can be checked without it: whole, non-negative indices, or
+    one-hot / soft rows."""
+    from keras_e3.data.targets import prepare_labels
+
+    if num_classes is None and class_names:
+        num_classes = len(class_names)
+    if num_classes is None:
+        y = np.asarray(labels)
+        if y.ndim == 2 and y.shape[1] > 1:
+            num_classes = y.shape[1]
+        elif y.dtype.kind in "biuf" and y.size:
+            finite = y[np.isfinite(y)] if y.dtype.kind == "f" else y
+            num_classes = int(max(finite.max(initial=0), 0)) + 1
+        else:
+            num_classes = 1
+    return prepare_labels(labels, num_classes, class_names, sparse=None)
+
+
+def _as_items(x):
+    """Images as one NumPy batch [N, H, W, C] or a list of single images
+    (arrays of any size, paths, bytes, PIL images)."""
+    if isinstance(x, (str, bytes, os.PathLike)):
+        raise ValueError("from_arrays takes a batch of images: give a list "
+                         "of paths, not one path.")
+    if isinstance(x, (list, tuple)):
+        if not len(x):
+            raise ValueError("No images given (an empty list).")
+        return list(x)
+    x = np.asarray(keras.ops.convert_to_numpy(x) if keras.ops.is_tensor(x)
+                   else x)
+    if x.dtype.kind in "USO":  # an array of paths (or of ragged images)
+        return list(x)
+    if x.ndim == 3:  # a batch of gray images [N, H, W]
+        return x[..., None]
+    if x.ndim != 4:
+        raise ValueError(
+            "from_arrays takes a batch of images [N, H, W, C] or [N, H, W],"
+            " or a list of images (arrays of any size, paths, bytes); got "
+            f"shape {x.shape}.")
+    return x
 
 
 class ArrayDataset(keras.utils.PyDataset):
-    """Batches of in-memory arrays, reshuffled every epoch when `shuffle`.
+    """Batches of in-memory images, reshuffled every epoch when `shuffle`.
 
-    The order of epoch e is the e-th permutation drawn from
-    `np.random.default_rng(seed)`: the same for every run with that seed.
+    See `from_arrays`. The order of epoch e is the e-th permutation drawn
+    from `np.random.default_rng(seed)`: the same for every run with that
+    seed.
     """
 
     def __init__(self, x, y=None, batch_size=32, shuffle=False, seed=None,
                  preprocessor=None, augment=None, drop_remainder=False,
-                 **kwargs):
+                 class_names=None, num_classes=None, **kwargs):
         super().__init__(**kwargs)
-        x = np.asarray(x)
+        self.converter = (None if preprocessor is None
+                          else as_converter(preprocessor, "from_arrays"))
+        num_classes, class_names = _model_defaults(preprocessor, num_classes,
+                                                   class_names)
+        if self.converter is None:
+            if not isinstance(x, (list, tuple)):
+                x = np.asarray(x)
+            if isinstance(x, (list, tuple)) or x.dtype.kind in "USO":
+                raise ValueError(
+                    "Raw images (paths, bytes, images of different sizes) "
+                    "need the model's converter: pass "
+                    "preprocessor=model.preprocessor.")
+        else:
+            x = _as_items(x)
         if y is not None:
-            y = np.asarray(y)
+            if augment is not None and num_classes is None:
+                num_classes = getattr(augment, "num_classes", None)
+            y = prepare_dataset_labels(y, num_classes, class_names)
             if len(y) != len(x):
                 raise ValueError(f"x and y differ in length: {len(x)} images "
                                  f"and {len(y)} labels.")
@@ -53,10 +137,14 @@ class ArrayDataset(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.drop_remainder = drop_remainder
-        self.preprocessor = _as_preprocessor(preprocessor)
         self.augment = augment
         self._rng = np.random.default_rng(seed)
         self._order = self._new_order()
+
+    @property
+    def preprocessor(self):
+        """The converter applied to each batch (None: `x` is fed as is)."""
+        return self.converter
 
     def _new_order(self):
         if self.shuffle:
@@ -67,14 +155,20 @@ class ArrayDataset(keras.utils.PyDataset):
         rounding = math.floor if self.drop_remainder else math.ceil
         return rounding(len(self.x) / self.batch_size)
 
+    def _images(self, idx):
+        if isinstance(self.x, list):
+            return self.converter([self.x[i] for i in idx])
+        images = self.x[idx]
+        if self.converter is None or self.converter.is_model_ready(images):
+            return images  # as model.predict feeds model-ready batches
+        return self.converter(images)
+
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range ({len(self)}).")
         idx = self._order[index * self.batch_size:
                           (index + 1) * self.batch_size]
-        images = self.x[idx]
-        if self.preprocessor is not None:
-            images = self.preprocessor(images)
+        images = self._images(idx)
         if self.y is None:
             return (images,)
         labels = self.y[idx]
@@ -93,47 +187,154 @@ class ArrayDataset(keras.utils.PyDataset):
 
 def from_arrays(x, y=None, batch_size=32, shuffle=False, seed=None,
                 preprocessor=None, augment=None, drop_remainder=False,
-                **kwargs):
-    """An `ArrayDataset` of `(images, labels)` batches (see there).
+                class_names=None, num_classes=None, **kwargs):
+    """A `keras.utils.PyDataset` of `(images, labels)` batches.
 
-    `preprocessor` (an `ImagePreprocessor` or a preprocessor config dict)
-    is applied to each batch; None feeds `x` as it is. `kwargs` go to
-    `keras.utils.PyDataset` (`workers`, `use_multiprocessing`, ...).
+    Args:
+        x: images: a batch [N, H, W, C] or [N, H, W] (uint8 or float, any
+            size), or a list of images of any sizes (arrays [H, W, C] or
+            [H, W], file paths, encoded bytes, PIL images).
+        y: labels [N] (integer class indices, or strings mapped through
+            `class_names`) or one-hot / soft labels [N, C]; None for
+            images only.
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (seeded by `seed`).
+        seed: seed of the shuffling.
+        preprocessor: the model's converter (`model.preprocessor`, a
+            `keras_e3.ImageConverter`) or the model; each batch is what
+            `model.predict` would feed for the same images (model-ready
+            float batches pass as they are). None: batches of `x` (an
+            array) are yielded as they are (`E3ViT.fit` still converts
+            raw batches with its own converter).
+        augment: a `make_augmentation(...)` applied after conversion.
+        drop_remainder: drop the last, smaller batch.
+        class_names: names for string labels (default: the model's when
+            `preprocessor` is a model).
+        num_classes: labels must be < num_classes (default: the model's).
+        **kwargs: `keras.utils.PyDataset` arguments (`workers`,
+            `use_multiprocessing`, ...).
+
+    Returns:
+        An `ArrayDataset`.
+
+    Example:
+    >>> model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
+    >>> ds = from_arrays(raw_uint8_images, labels, batch_size=32,
+    ...                  shuffle=True, seed=0, preprocessor=model)
+    >>> model.fit(ds, epochs=1)
     """
     return ArrayDataset(x, y, batch_size=batch_size, shuffle=shuffle,
                         seed=seed, preprocessor=preprocessor, augment=augment,
-                        drop_remainder=drop_remainder, **kwargs)
+                        drop_remainder=drop_remainder,
+                        class_names=class_names, num_classes=num_classes,
+                        **kwargs)
+
+
+# Formats TensorFlow's `tf.io.decode_image` reads.
+TF_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 def from_directory(directory, preprocessor, batch_size=32, shuffle=True,
                    seed=None, augment=None, validation_split=None,
                    subset=None, class_names=None):
-    """A `tf.data.Dataset` of `(images, int labels)` from an image folder.
+    """A `tf.data.Dataset` of `(images, int32 labels)` from an image folder.
 
-    `directory/<class_name>/*.{png,jpg,bmp,gif}`; classes are the sorted
-    sub-folder names (or `class_names`), kept as `dataset.class_names`.
-    Images are read with the preprocessor's channels (gray, RGB or RGBA)
-    and size, then scaled from [0, 255] to its `value_range`.
+    `directory/<class name>/*.{png,jpg,jpeg,bmp,gif}`, images of any size,
+    gray, RGB or RGBA. Each file is read and decoded by the converter's
+    TensorFlow ops (`converter.convert_tf`): the same pipeline as
+    `model.predict` on the file.
+
+    Args:
+        directory: the folder.
+        preprocessor: the model's converter (`model.preprocessor`) or the
+            model; it needs an `image_size` (images are batched).
+        batch_size: images per batch.
+        shuffle: reshuffle the files every epoch (seeded by `seed`).
+        seed: seed of the shuffling and of `validation_split`.
+        augment: a `make_augmentation(...)` applied after conversion.
+        validation_split: the fraction of files held out for validation.
+        subset: with `validation_split`: "training", "validation" or
+            "both" (a pair of datasets).
+        class_names: the model's class names (default: a model's own when
+            it is given as `preprocessor`): each sub-folder's label is the
+            index of its name there (folders 0/ 1/ 7/ of a digits model are
+            classes 0, 1 and 7); a sub-folder not named so is a
+            ValueError. None: the sorted sub-folder names are the classes
+            (a new task: the labels of a new head).
+
+    Returns:
+        The dataset, with `class_names` (the label of class i is
+        `class_names[i]`) and `file_paths` (in label order, before any
+        shuffling) attributes.
+
+    Example:
+    >>> ds = from_directory("photos/", model, batch_size=32, seed=0)
+    >>> model.evaluate(ds)
     """
     tf = _import_tf("from_directory")
-    pre = _as_preprocessor(preprocessor)
-    if pre is None or pre.image_size is None:
-        raise ValueError("from_directory needs a preprocessor with an "
-                         "image_size (e.g. a preset's preprocessor config).")
-    color_mode = {1: "grayscale", 3: "rgb", 4: "rgba", None: "rgb"}[
-        pre.num_channels]
-    dataset = keras.utils.image_dataset_from_directory(
-        str(directory), labels="inferred", label_mode="int",
-        class_names=class_names, color_mode=color_mode,
-        batch_size=batch_size, image_size=pre.image_size, shuffle=shuffle,
-        seed=seed, validation_split=validation_split, subset=subset,
-        verbose=False)
-    names = dataset.class_names
-    dataset = dataset.map(lambda x, y: (pre(x), y),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    converter = as_converter(preprocessor, "from_directory")
+    _, class_names = _model_defaults(preprocessor, None, class_names)
+    if converter.image_size is None:
+        raise ValueError("from_directory batches images of any size: the "
+                         "converter needs an image_size.")
+    paths, labels, names = index_image_folder(
+        directory, class_names, extensions=TF_IMAGE_EXTENSIONS)
+    subsets = _split(len(paths), validation_split, subset, shuffle, seed)
+    datasets = []
+    for idx in subsets:
+        datasets.append(_file_dataset(
+            [paths[i] for i in idx], labels[idx], converter, batch_size,
+            shuffle, seed, augment, names, tf))
+    return tuple(datasets) if len(datasets) > 1 else datasets[0]
+
+
+def _split(count, validation_split, subset, shuffle, seed):
+    """Index arrays of the requested subsets (keras' semantics)."""
+    order = np.arange(count)
+    if not validation_split:
+        if subset is not None:
+            raise ValueError("subset needs validation_split.")
+        return [order]
+    if not 0.0 < validation_split < 1.0:
+        raise ValueError("validation_split must be in (0, 1); got "
+                         f"{validation_split}.")
+    if subset not in ("training", "validation", "both"):
+        raise ValueError('With validation_split, subset must be "training", '
+                         f'"validation" or "both"; got {subset!r}.')
+    if shuffle:
+        if seed is None:
+            raise ValueError("validation_split with shuffle needs a seed (the"
+                             " training and validation calls must split the "
+                             "files the same way).")
+        order = np.random.default_rng(seed).permutation(count)
+    num_val = int(validation_split * count)
+    train, val = np.sort(order[:count - num_val]), np.sort(
+        order[count - num_val:])
+    return {"training": [train], "validation": [val],
+            "both": [train, val]}[subset]
+
+
+def _file_dataset(paths, labels, converter, batch_size, shuffle, seed,
+                  augment, names, tf):
+    height, width = converter.image_size
+
+    def load(path, label):
+        image = converter.convert_tf(tf.io.read_file(path))
+        image = tf.ensure_shape(image, [height, width,
+                                        converter.num_channels])
+        return image, label
+
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
+    if shuffle and len(paths):
+        dataset = dataset.shuffle(len(paths), seed=seed,
+                                  reshuffle_each_iteration=True)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
     dataset = _augment_tf(dataset, augment, tf)
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    dataset.class_names = names
+    dataset.class_names = list(names)
+    dataset.file_paths = list(paths)
     return dataset
 
 
@@ -145,8 +346,28 @@ def from_tfds(name, split, preprocessor, data_dir=None, batch_size=32,
 
     The dataset must already be prepared in `data_dir` (`tfds build` or a
     copied directory) unless `download=True`, which lets TFDS download
-    and prepare it. Each example's `image_key` is preprocessed (resized,
-    so examples of any size batch together), then batched.
+    and prepare it. Each example's `image_key` (any size) goes through the
+    converter's TensorFlow ops (`converter.convert_tf`, as `model.predict`
+    on that image), then examples are batched. Labels are the dataset's
+    (a model given as `preprocessor` must predict at least its classes).
+
+    Args:
+        name: the TFDS name ("mnist", "cifar10", ...).
+        split: the split ("train", "test[:10%]", ...).
+        preprocessor: the model's converter (`model.preprocessor`) or the
+            model; it needs an `image_size`.
+        data_dir: where the dataset is prepared.
+        batch_size, shuffle, seed, drop_remainder: batching and shuffling.
+        augment: a `make_augmentation(...)` applied after conversion.
+        download: let TFDS download and prepare the dataset.
+        image_key, label_key: the features holding images and labels.
+        shuffle_buffer: examples in the shuffle buffer.
+
+    Returns:
+        The dataset.
+
+    Example:
+    >>> ds = from_tfds("mnist", "test", model, data_dir="~/tfds")
     """
     tf = _import_tf("from_tfds")
     try:
@@ -154,10 +375,10 @@ def from_tfds(name, split, preprocessor, data_dir=None, batch_size=32,
     except ImportError as e:
         raise ImportError("from_tfds needs tensorflow-datasets: pip install "
                           "keras-e3[data]") from e
-    pre = _as_preprocessor(preprocessor)
-    if pre is None or pre.image_size is None:
-        raise ValueError("from_tfds needs a preprocessor with an image_size "
-                         "(examples of different sizes must be resized).")
+    converter = as_converter(preprocessor, "from_tfds")
+    if converter.image_size is None:
+        raise ValueError("from_tfds batches images of any size: the "
+                         "converter needs an image_size.")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -169,6 +390,12 @@ def from_tfds(name, split, preprocessor, data_dir=None, batch_size=32,
     if missing:
         raise ValueError(f"TFDS dataset {name!r} has no feature(s) {missing}; "
                          f"its features are {sorted(features.keys())}.")
+    model_classes = getattr(preprocessor, "num_classes", None)
+    data_classes = getattr(features[label_key], "num_classes", None)
+    if model_classes is not None and data_classes is not None and \
+            data_classes > model_classes:
+        raise ValueError(f"TFDS dataset {name!r} has {data_classes} classes;"
+                         f" the model predicts {model_classes}.")
     try:
         dataset = builder.as_dataset(
             split=split, shuffle_files=shuffle,
@@ -178,8 +405,9 @@ def from_tfds(name, split, preprocessor, data_dir=None, batch_size=32,
             f"TFDS dataset {name!r} is not prepared in data_dir="
             f"{data_dir!r}: prepare it there (`tfds build {name} "
             f"--data_dir ...`) or pass download=True.") from e
-    dataset = dataset.map(lambda ex: (pre(ex[image_key]), ex[label_key]),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(
+        lambda ex: (converter.convert_tf(ex[image_key]), ex[label_key]),
+        num_parallel_calls=tf.data.AUTOTUNE)
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
@@ -197,15 +425,6 @@ def _augment_tf(dataset, augment, tf):
         return augment(images, labels)
 
     return dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _as_preprocessor(preprocessor):
-    if preprocessor is None or isinstance(preprocessor, ImagePreprocessor):
-        return preprocessor
-    if isinstance(preprocessor, dict):
-        return ImagePreprocessor.from_config(preprocessor)
-    raise ValueError("preprocessor must be an ImagePreprocessor or a "
-                     f"preprocessor config dict; got {type(preprocessor)}.")
 
 
 def _import_tf(caller):

@@ -10,10 +10,11 @@ import numpy as np
 from keras_e3.data import from_arrays
 from keras_e3.data import load_dataset
 from keras_e3.data import sample_k_shot
+from keras_e3.data.folder import BUILTIN_DATASETS
+from keras_e3.data.folder import folder_class_names
 from keras_e3.io_utils import json_safe
 from keras_e3.metrics import evaluate_predictions
 from keras_e3.models import E3ViT
-from keras_e3.models import E3ViTBackbone
 from keras_e3.training.recipe import TRAIN_MODES
 from keras_e3.training.recipe import freeze
 from keras_e3.training.recipe import make_optimizer
@@ -26,13 +27,19 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
     """Fine-tunes `preset` on `data` and writes the result to `out`.
 
     `data` is "digits" or a folder of class sub-folders (see
-    `keras_e3.data.load_dataset`); with `shots`, k examples per class are
-    sampled (seeded) and the rest is the held-out set. The new head has one
-    class per data class. Training follows the paper's recipe (momentum
-    SGD, linear warm-up then cosine decay, gradients clipped to a global
-    norm of 1). `out` is written atomically at the end, with the summary
-    as `finetune.json` inside it: an interrupted run leaves the previous
-    `out` (or none), never a partial preset. Returns the summary.
+    `keras_e3.data.load_dataset`). The model gets a new head with one
+    class per data class: the folder's sorted sub-folder names are the
+    new classes (class 0 is the first name; saved as the preset's
+    `class_names`), whatever the preset's own classes are. Every image
+    goes through the preset's converter (`model.preprocessor`, the same
+    as `predict`), and the new preset saves that same converter. With
+    `shots`, k examples per class are sampled (seeded) and the rest is the
+    held-out set. Training follows the paper's recipe (momentum SGD,
+    linear warm-up then cosine decay, gradients clipped to a global norm
+    of 1). `out` is written atomically at the end, with the summary as
+    `finetune.json` inside it (the Keras backend included): an interrupted
+    run leaves the previous `out` (or none), never a partial preset.
+    Returns the summary.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1.")
@@ -40,14 +47,15 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
         raise ValueError(f"train must be one of {TRAIN_MODES}; got {train!r}.")
     started = time.time()
     keras.utils.set_random_seed(seed)
-    # The preset is resolved and loaded once: its backbone (and its
-    # preprocessor settings) carry over, under a new head.
-    backbone = E3ViTBackbone.from_preset(preset)
-    preprocessor = backbone.preprocessor_config
-    x, y, class_names = load_dataset(data, preprocessor, split="train")
+    class_names = dataset_class_names(data)
+    # The preset is resolved and loaded once: its backbone and its
+    # converter carry over, under a new head.
+    source = E3ViT.from_preset(preset, num_classes=len(class_names))
+    converter = source.preprocessor
+    x, y, class_names = load_dataset(data, converter, split="train")
     held_out = None
     if data == "digits":
-        x_test, y_test, _ = load_dataset(data, preprocessor, split="test")
+        x_test, y_test, _ = load_dataset(data, converter, split="test")
         held_out = (x_test, y_test)
     if shots:
         chosen = sample_k_shot(y, shots, seed=seed)
@@ -55,8 +63,8 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
         if held_out is None and len(rest):
             held_out = (x[rest], y[rest])
         x, y = x[chosen], y[chosen]
-    model = E3ViT(backbone, num_classes=len(class_names))
-    model.preprocessor_config = preprocessor
+    model = E3ViT(source.backbone, num_classes=len(class_names),
+                  preprocessor=converter)
     model.class_names = list(class_names)
     freeze(model, train)
     steps = epochs * math.ceil(len(y) / batch_size)
@@ -64,8 +72,10 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
         learning_rate, steps, warmup_steps=min(int(warmup_fraction * steps),
                                                steps - 1))
     model.compile(optimizer=make_optimizer(optimizer, schedule))
+    # x: the converter's outputs (model inputs), converted once.
     history = model.fit(from_arrays(x, y, batch_size=batch_size, shuffle=True,
-                                    seed=seed), epochs=epochs, verbose=verbose)
+                                    seed=seed, num_classes=len(class_names)),
+                        epochs=epochs, verbose=verbose)
     summary = {
         "preset": os.fspath(preset), "data": os.fspath(data),
         "shots": shots, "num_train": int(len(y)),
@@ -87,3 +97,15 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
                                 "seed")}},
         extra_files={"finetune.json": summary})
     return summary
+
+
+def dataset_class_names(data):
+    """The classes of a `finetune` dataset spec, before loading it: the
+    digits' "0" ... "9", or a folder's sorted sub-folder names."""
+    if data in BUILTIN_DATASETS:
+        return [str(i) for i in range(10)]
+    if not os.path.isdir(os.fspath(data)):
+        raise ValueError(f"Unknown dataset {data!r}: expected one of "
+                         f"{BUILTIN_DATASETS} or a folder of class "
+                         "sub-folders of images.")
+    return folder_class_names(data)

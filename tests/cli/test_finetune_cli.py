@@ -47,12 +47,17 @@ def test_finetune_writes_a_preset_that_reloads(capsys, tmp_path):
     assert summary["num_train"] == 20 and summary["shots"] == 2
     assert "loss" in summary["history"]
     assert "finetune.json" in preset_io.verify_preset(out)["files"]
-    # The reloaded preset reproduces the held-out metrics of the summary.
-    from keras_e3.data.digits import load_digits_splits
+    # The reloaded preset reproduces the held-out metrics of the summary,
+    # by predict on the raw 8x8 uint8 held-out digits.
+    from keras_e3.data.digits import load_digits_raw
+    from keras_e3.data.digits import split_indices
 
-    _, (x_test, y_test) = load_digits_splits()
+    images, labels = load_digits_raw()
+    _, test = split_indices()
+    x_test = np.round(images[test] * 255 / 16).astype(np.uint8)[..., None]
     model = keras_e3.E3ViT.from_preset(out)
-    report = evaluate_predictions(model.predict_members(x_test), y_test)
+    report = evaluate_predictions(model.predict_members(x_test),
+                                  labels[test])
     for key in ("ensemble/accuracy", "ensemble/nll", "ensemble/ece"):
         assert report[key] == pytest.approx(summary["held_out"][key],
                                             abs=1e-6)
@@ -136,6 +141,6 @@ def test_predict_prints_ensemble_and_members(capsys, tmp_path):
         assert len(r["members"]) == 2
         assert 0.0 <= r["disagreement"] <= 1.0
         assert r["top_k"][0]["class"] == str(label)
-    code, _, stderr = run(capsys, "predict", "--preset", e3,
+    code, stdout, _ = run(capsys, "predict", "--preset", e3,
                           str(tmp_path / "missing.png"))
-    assert code == 1 and "No such image file" in stderr
+    assert code == 1 and "No such image file" in stdout

@@ -1,4 +1,5 @@
-"""keras_e3.data: k-shot sampling, preprocessing, pipelines, augmentation."""
+"""keras_e3.data: k-shot sampling, pipelines, augmentation (each loader
+against `predict`: tests/data/test_data_doors.py)."""
 
 import os
 import subprocess
@@ -9,16 +10,12 @@ import pytest
 from conftest import tiny_backbone_kwargs
 
 import keras_e3
-from keras_e3.data import ImagePreprocessor
 from keras_e3.data import from_arrays
 from keras_e3.data import from_directory
-from keras_e3.data import from_tfds
 from keras_e3.data import make_augmentation
-from keras_e3.data import preprocess_images
 from keras_e3.data import sample_k_shot
 
-PRESET = {"image_size": [16, 16], "num_channels": 3,
-          "value_range": [-1.0, 1.0]}
+CONVERTER = keras_e3.ImageConverter(image_size=16, num_channels=3)
 
 
 # --- k-shot sampling -------------------------------------------------------
@@ -48,45 +45,6 @@ def test_k_shot_errors():
         sample_k_shot(labels, 0)
     with pytest.raises(ValueError, match="1-D"):
         sample_k_shot(labels[:, None], 1)
-
-
-# --- preprocessing ---------------------------------------------------------
-
-
-def test_preprocess_gray_to_rgb_range_and_shape(rng):
-    images = rng.integers(0, 256, (4, 8, 8, 1)).astype(np.uint8)
-    images[0] = 0
-    images[1] = 255
-    out = ImagePreprocessor.from_config(PRESET)(images)
-    assert out.shape == (4, 16, 16, 3) and out.dtype == np.float32
-    assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
-    np.testing.assert_allclose(out[0], -1.0, atol=1e-6)
-    np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
-    np.testing.assert_array_equal(out[..., 0], out[..., 2])  # repeated gray
-
-
-def test_preprocess_source_range_and_luma():
-    # digits-like source range [0, 16], RGB -> gray with ITU-R 601 luma.
-    image = np.zeros((8, 8, 3), np.float32)
-    image[..., 0] = 16.0
-    out = preprocess_images(image, num_channels=1, value_range=(0, 1),
-                            source_range=(0, 16))
-    assert out.shape == (8, 8, 1)
-    np.testing.assert_allclose(out, 0.2989, atol=1e-6)
-    with pytest.raises(ValueError, match="high > low"):
-        ImagePreprocessor(value_range=(1, -1))
-    with pytest.raises(ValueError, match=r"\[H, W, C\]"):
-        preprocess_images(np.zeros((8, 8)))
-    with pytest.raises(ValueError, match="num_channels must be 1, 3 or 4"):
-        ImagePreprocessor(num_channels=2)
-
-
-def test_preprocess_tf_matches_numpy(rng):
-    tf = pytest.importorskip("tensorflow")
-    images = rng.integers(0, 256, (2, 8, 12, 3)).astype(np.uint8)
-    pre = ImagePreprocessor.from_config(PRESET)
-    np.testing.assert_allclose(pre(tf.constant(images)).numpy(), pre(images),
-                               atol=1e-5)
 
 
 # --- pipelines -------------------------------------------------------------
@@ -121,7 +79,7 @@ def soft_label_model():
     """One tiny E³, compiled once for every pipeline's 1-step fit (one-hot
     or mixed labels)."""
     backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs())
-    model = keras_e3.E3ViT(backbone, num_classes=3)
+    model = keras_e3.E3ViT(backbone, num_classes=3, preprocessor=CONVERTER)
     model.compile(optimizer="sgd",
                   loss=keras_e3.EnsembleSoftmaxCrossEntropy(sparse=False))
     return model
@@ -133,7 +91,7 @@ def test_from_arrays_fit_with_augmentation(rng, soft_label_model):
     augment = make_augmentation(flip=True, mixup_alpha=0.2, num_classes=3,
                                 seed=0)
     ds = from_arrays(images, labels, batch_size=4, shuffle=True, seed=0,
-                     preprocessor=PRESET, augment=augment)
+                     preprocessor=CONVERTER, augment=augment)
     x, y = ds[0]
     assert x.shape == (4, 16, 16, 3) and y.shape == (4, 3)  # one-hot, mixed
     assert x.dtype == np.float32 and y.dtype == np.float32
@@ -164,7 +122,8 @@ def _write_folder(root, rng, sizes=((12, 10), (20, 20), (16, 8))):
 def test_from_directory_and_fit(tmp_path, rng, soft_label_model):
     pytest.importorskip("tensorflow")
     _write_folder(tmp_path, rng)
-    ds = from_directory(tmp_path, PRESET, batch_size=4, shuffle=True, seed=0)
+    ds = from_directory(tmp_path, CONVERTER, batch_size=4, shuffle=True,
+                        seed=0)
     assert ds.class_names == ["cat", "dog"]
     batches = list(ds.as_numpy_iterator())
     images = np.concatenate([b[0] for b in batches])
@@ -172,12 +131,12 @@ def test_from_directory_and_fit(tmp_path, rng, soft_label_model):
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.float32
     assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
     np.testing.assert_array_equal(np.bincount(labels), [3, 3])
-    gray = from_directory(tmp_path, dict(PRESET, num_channels=1),
-                          batch_size=6, shuffle=False)
+    gray = from_directory(tmp_path, keras_e3.ImageConverter(
+        image_size=16, num_channels=1), batch_size=6, shuffle=False)
     assert next(gray.as_numpy_iterator())[0].shape == (6, 16, 16, 1)
     # tf.data + Keras augmentation layers (run with TF ops on any backend).
     augment = make_augmentation(cutmix_factor=1.0, num_classes=3, seed=0)
-    mixed = from_directory(tmp_path, PRESET, batch_size=4, seed=0,
+    mixed = from_directory(tmp_path, soft_label_model, batch_size=4, seed=0,
                            augment=augment)
     x, y = next(mixed.as_numpy_iterator())
     assert x.shape == (4, 16, 16, 3) and y.shape == (4, 3)
@@ -185,24 +144,7 @@ def test_from_directory_and_fit(tmp_path, rng, soft_label_model):
                                    verbose=0)
     assert np.isfinite(history.history["loss"][0])
     with pytest.raises(ValueError, match="image_size"):
-        from_directory(tmp_path, {"num_channels": 3})
-
-
-@pytest.mark.single_backend
-def test_from_tfds_offline(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(ValueError, match="not prepared in data_dir"):
-        from_tfds("mnist", "train", PRESET, data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="Unknown TFDS dataset"):
-        from_tfds("no_such_dataset_xyz", "train", PRESET,
-                  data_dir=str(tmp_path))
-    # TFDS' own offline mock: random examples in mnist's format.
-    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
-        ds = from_tfds("mnist", "train", PRESET, data_dir=str(tmp_path),
-                       batch_size=4, shuffle=True, seed=0)
-        x, y = next(ds.as_numpy_iterator())
-    assert x.shape == (4, 16, 16, 3) and y.shape == (4,)
-    assert x.min() >= -1.0 - 1e-5 and x.max() <= 1.0 + 1e-5
+        from_directory(tmp_path, keras_e3.ImageConverter(num_channels=3))
 
 
 @pytest.mark.single_backend
