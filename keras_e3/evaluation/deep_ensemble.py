@@ -10,6 +10,7 @@ log(mean over all M_total members of softmax(logits)).
 import keras
 import numpy as np
 
+from keras_e3.data.targets import prepare_labels
 from keras_e3.evaluation.flops import count_flops
 from keras_e3.layers.ensemble import ensemble_log_probs
 from keras_e3.metrics.ensemble import evaluate_predictions
@@ -55,12 +56,20 @@ class DeepEnsemble:
         return len(self.models)
 
     def predict_members(self, images, batch_size=None, verbose=0):
-        """Member logits [B, M_total, C] (numpy), models in list order."""
-        images = np.asarray(images)
-        if tuple(images.shape[1:]) != self.image_shape:
-            expected = ", ".join(map(str, self.image_shape))
-            raise ValueError(f"images must be [B, {expected}]; got shape "
-                             f"{images.shape}.")
+        """Member logits [B, M_total, C] (numpy), models in list order.
+
+        `images`: raw images of any kind `E3ViT.predict` takes (arrays of
+        any size, lists, paths, bytes, a `tf.data.Dataset`), each model
+        converting them with its own converter (`model.preprocessor`), or
+        model-ready images [B, H, W, C]."""
+        if all(m.preprocessor is None for m in self.models):
+            shape = tuple(getattr(images, "shape", np.shape(images))[1:])
+            if shape != self.image_shape:
+                expected = ", ".join(map(str, self.image_shape))
+                raise ValueError(
+                    f"images must be [B, {expected}] (these models have no "
+                    f"preprocessor for raw images); got shape "
+                    f"{np.shape(images)}.")
         return np.concatenate(
             [model.predict_members(images, batch_size, verbose)
              for model in self.models], axis=1)
@@ -75,7 +84,10 @@ class DeepEnsemble:
                           num_bins=15, binning="equal_width"):
         """`keras_e3.metrics.evaluate_predictions` on the pooled member
         logits: ensemble and per-member accuracy, NLL, ECE and Brier, and
-        the members' diversity."""
+        the members' diversity. `labels`: class indices, class names (the
+        first model's `class_names`) or one-hot rows."""
+        labels = prepare_labels(labels, self.num_classes,
+                                self.models[0].class_names, sparse=True)
         return evaluate_predictions(self.predict_members(images, batch_size),
                                     labels, num_bins=num_bins,
                                     binning=binning)

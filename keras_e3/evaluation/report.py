@@ -188,14 +188,15 @@ def _make_plots(model, images, labels, logits, ood_logits, routing, metrics,
     else:
         emb = backbone.embedding
         count = min(ROUTING_MAP_IMAGES, images.shape[0])
-        preprocessor = getattr(model, "preprocessor_config", None) or {}
+        converter = getattr(model, "preprocessor", None)
         plotting.routing_maps(
-            images[:count],
+            routing.get("images", images)[:count],  # what was routed
             {k: v["top_expert"][:count, :, emb.num_prefix_tokens:]
              for k, v in routing["layers"].items()},
             emb.grid_size, backbone.num_experts, backbone.ensemble_size,
             path("routing_maps"), labels=labels[:count],
-            value_range=preprocessor.get("value_range"),
+            value_range=(None if converter is None
+                         else converter.value_range),
             router=backbone.router)
         plotting.expert_load(
             routing["layers"], backbone.ensemble_size, path("expert_load"),

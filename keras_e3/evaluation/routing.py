@@ -25,7 +25,13 @@ TOKEN_ARRAYS = ("top_expert", "dropped", "top_expert_weight")
 def routing_stats(model, images, batch_size=64):
     """Per-token routing of every MoE block over `images`.
 
-    Returns {"num_examples": N, "layers": {block name: {...}}}. Every block
+    `images`: raw images of any kind the model's `preprocess` takes
+    (arrays of any size, lists, paths, bytes, a `tf.data.Dataset`), taken
+    through its converter (`model.preprocessor`), or model-ready images.
+
+    Returns {"num_examples": N, "images": the model-ready images routed
+    (float32 [N, H, W, C], for the routing maps), "layers": {block name:
+    {...}}}. Every block
     has "router" (the backbone's), "expert_member" [E],
     "num_token_copies", "expert_load" [E], "uniform_load" (the load of
     every expert under perfectly balanced routing), "dropped_fraction",
@@ -58,6 +64,7 @@ def routing_stats(model, images, batch_size=64):
     num_experts = backbone.num_experts
     per_member = num_experts // m
     arrays, sums = {}, {}
+    images = model_inputs(model, images)
     n = images.shape[0]
     route = _router_outputs(backbone)
     for start in range(0, n, int(batch_size)):
@@ -108,7 +115,21 @@ def routing_stats(model, images, batch_size=64):
             layer["mean_top_expert_weight"] = float(
                 np.mean(token["top_expert_weight"]))
         layers[name] = layer
-    return {"num_examples": int(n), "layers": layers}
+    return {"num_examples": int(n), "images": images, "layers": layers}
+
+
+def model_inputs(model, images):
+    """`images` as `model` takes them, as one float32 NumPy batch: raw
+    images through the model's `preprocess` (its converter), a dataset's
+    batches gathered."""
+    preprocess = getattr(model, "preprocess", None)
+    if preprocess is not None:
+        images = preprocess(images)
+    if hasattr(images, "element_spec"):  # a tf.data.Dataset
+        batches = [b[0] if isinstance(b, tuple) else b
+                   for b in images.as_numpy_iterator()]
+        images = np.concatenate(batches) if batches else np.zeros((0,))
+    return np.asarray(keras.ops.convert_to_numpy(images), np.float32)
 
 
 def _numpy(x, dtype=None):

@@ -18,6 +18,35 @@ from keras_e3.layers.router import check_experts
 from keras_e3.models.preset_mixin import PresetMixin
 
 CLASSIFIERS = ("token", "gap", "map")
+# Keywords of Keras' own base classes that the models pass on (`dtype` is
+# an explicit argument of each); any other unknown keyword is a TypeError.
+KERAS_BASE_KWARGS = ("name", "trainable")
+# Keywords of other libraries' vision models, and what to pass instead.
+KEYWORD_HINTS = {
+    "image_shape": "image_size=(height, width) and num_channels=C",
+    "input_shape": "image_size=(height, width) and num_channels=C",
+    "activation": ("nothing: the model returns logits; predict_ensemble "
+                   "gives the ensemble's log-probabilities (exp() for "
+                   "probabilities)"),
+    "classifier_activation": ("nothing: the model returns logits; "
+                              "predict_ensemble gives the ensemble's "
+                              "log-probabilities"),
+    "include_rescaling": ("preprocessor=keras_e3.ImageConverter(...) on "
+                          "the E3ViT task"),
+}
+
+
+def check_keywords(cls_name, kwargs):
+    """A TypeError naming every keyword `cls_name` does not take (Keras'
+    base-class keywords `KERAS_BASE_KWARGS` are fine), with what to pass
+    instead where another library's keyword is recognised."""
+    unknown = sorted(set(kwargs) - set(KERAS_BASE_KWARGS))
+    if not unknown:
+        return
+    hints = "".join(f" For {k!r} pass {KEYWORD_HINTS[k]}." for k in unknown
+                    if k in KEYWORD_HINTS)
+    raise TypeError(f"{cls_name}() got unexpected keyword argument(s) "
+                    f"{unknown}.{hints}")
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
@@ -100,6 +129,7 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                  router="top_k", num_slots=None,
                  capacity_ceil_or_round="ceil", capacity_multiple_of=4,
                  dtype=None, **kwargs):
+        check_keywords(type(self).__name__, kwargs)
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
         num_selected_experts, capacity_factor, router_noise_std = \
             resolve_router_options(router, num_selected_experts,

@@ -48,8 +48,18 @@ class PresetMixin:
                        extra_metadata=None, extra_files=None,
                        max_shard_size=None):
         """Writes a preset directory (keras-hub's layout) atomically, with
-        the sha256 of every file in metadata.json. `max_shard_size` (GB)
-        splits the weights into shards (Keras' sharded weights format)."""
+        the sha256 of every file in metadata.json.
+
+        Args:
+            preset_dir: the directory to write.
+            preprocessor: the `ImageConverter` saved as preprocessor.json
+                (default: the model's `preprocessor`, else the default
+                converter for the backbone's input shape).
+            extra_metadata: more entries for metadata.json.
+            extra_files: {file name: JSON content} written beside.
+            max_shard_size: split the weights into shards of at most this
+                size in GB (Keras' sharded weights format).
+        """
         from keras_e3.presets.loader import save_to_preset
 
         return save_to_preset(self, preset_dir, preprocessor=preprocessor,

@@ -6,6 +6,12 @@ vmoe checkpoints are converted once and cached as a normal preset), a local
 preset directory, or `hf://owner/repo[/revision]` (see
 `keras_e3.presets.hub`).
 
+The classifier is built with its `ImageConverter` (the preset's
+preprocessor.json, or a built-in card's vmoe pipeline) and class names
+(task.json or metadata.json, or a built-in card's label set) as
+constructor arguments: `E3ViT(backbone, num_classes, preprocessor=...,
+class_names=...)`.
+
 Overrides: `num_classes` (a fresh, zero-initialised head; the rest loaded),
 `image_size` (position embeddings resampled to the new patch grid, as vmoe's
 `vit_zoom` and timm's `resample_abs_pos_embed`), `load_weights=False`
@@ -39,7 +45,6 @@ RUNTIME_OVERRIDES = frozenset({
     "dispatcher", "dispatch_dtype", "importance_loss_weight",
     "load_loss_weight", "gshard_loss_weight", "seed"})
 HEAD_SETTINGS = ("num_classes", "head_bias_init", "head_kernel_initializer")
-DEFAULT_VALUE_RANGE = (-1.0, 1.0)  # vmoe's images are RGB scaled to [-1, 1]
 
 
 def _is_task(cls):
@@ -70,8 +75,8 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
         config, head = builtin.architecture(card)
         backbone = _backbone(cls, dict(config, **overrides), image_size,
                              dtype)
-        model = _attach(cls, backbone, head, num_classes, dtype, {})
-        return apply_card(model, card)
+        return _attach(cls, backbone, head, num_classes, dtype, {},
+                       card=card)
     preset_dir = resolve(handle)
     # An official checkpoint's cached preset was just verified (or written)
     # by `builtin.materialize`: do not hash its weights a second time.
@@ -92,42 +97,52 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
         if image_size is not None and (as_pair(image_size, "image_size")
                                        != backbone.embedding.image_size):
             backbone = resize_backbone(backbone, image_size)
+    names = None
+    if _is_task(cls) and head is not None:
+        names = (_stored_class_names(preset_dir)
+                 or files.read_json(preset_dir, files.METADATA_FILE).get(
+                     "class_names"))
     model = _attach(cls, backbone, head, num_classes, dtype,
-                    _stored_preprocessor(preset_dir))
+                    _stored_preprocessor(preset_dir), card=card,
+                    names=names)
     if load_weights and _is_task(cls) and model.num_classes == (
             head or {}).get("num_classes"):
         files.load_head_weights(
             os.path.join(preset_dir, files.TASK_WEIGHTS_FILE), model.head)
         refuse_nonfinite(model.head.weights, preset_dir)
-        names = files.read_json(preset_dir, files.METADATA_FILE).get(
-            "class_names")
-        if names and len(names) == model.num_classes:
-            model.class_names = list(names)
-    return apply_card(model, card) if card is not None else model
-
-
-def apply_card(model, card):
-    """A built-in card's evaluation pipeline (`preprocessing`, a vmoe
-    process string) and label set (`labels`) on a classifier."""
-    if not _is_task(type(model)):
-        return model
-    if card.get("preprocessing"):
-        converter = ImageConverter.from_vmoe_process(
-            card["preprocessing"], num_channels=model.backbone.num_channels)
-        model.preprocessor = converter_for(model.backbone, converter)
-        model.preprocessor_config = model.preprocessor.preprocessor_config()
-    label_set = card.get("labels")
-    if label_set and not getattr(model, "class_names", None):
-        names = class_names(label_set)
-        if len(names) == model.num_classes:
-            model.class_names = names
     return model
 
 
+def card_converter(card, backbone):
+    """The ImageConverter of a built-in card's evaluation pipeline
+    (`preprocessing`, a vmoe process string) for `backbone`, or None."""
+    if not (card or {}).get("preprocessing"):
+        return None
+    converter = ImageConverter.from_vmoe_process(
+        card["preprocessing"], num_channels=backbone.num_channels)
+    return converter_for(backbone, converter)
+
+
+def _class_names_for(num_classes, names, card):
+    """The stored class names `names` if they fit `num_classes`, else the
+    card's label set's, else None."""
+    if names and len(names) == num_classes:
+        return [str(n) for n in names]
+    label_set = (card or {}).get("labels")
+    if label_set:
+        names = class_names(label_set)
+        if len(names) == num_classes:
+            return names
+    return None
+
+
 def converter_for(backbone, config):
-    """An ImageConverter from a preprocessor.json (a serialised converter
-    or the older flat dict) for `backbone`'s input shape (its image size
-    wins over the file's)."""
+    """An ImageConverter from a preprocessor.json (a serialised converter,
+    an `ImageConverter`, or the older flat dict {image_size, num_channels,
+    value_range[, source_range, interpolation]}, converted on read) for
+    `backbone`'s input shape (its image size wins over the file's). An
+    empty dict gives the default converter: the backbone's size and
+    channels, 0..255 pixels, bilinear resize, values in [-1, 1]."""
     size = tuple(backbone.embedding.image_size)
     try:
         converter = ImageConverter.from_preset_config(
@@ -169,21 +184,25 @@ def _backbone(cls, config, image_size, dtype, source=None):
                           f"config: {e}") from e
 
 
-def _attach(cls, backbone, head, num_classes, dtype, preprocessor):
+def _attach(cls, backbone, head, num_classes, dtype, preprocessor,
+            card=None, names=None):
     """`backbone` itself, or a `cls` task on it: with the stored head
-    settings `head`, or a fresh head where `num_classes` differs. Both
-    carry the preset's preprocessor settings (`preprocessor`, the
-    preprocessor.json); the task owns the ImageConverter made of them."""
-    backbone.preprocessor_config = preprocessor_config(backbone, preprocessor)
+    settings `head`, or a fresh head where `num_classes` differs. The task
+    is built with its ImageConverter (a built-in card's pipeline, else the
+    preset's preprocessor.json `preprocessor`, else the default converter
+    for the backbone's input shape) and class names (the stored `names`
+    when the stored head is kept, else the card's label set when it fits)
+    as constructor arguments."""
     if not _is_task(cls):
         return backbone
     head = head or {}
     if num_classes is not None and num_classes != head.get("num_classes"):
-        head = {"num_classes": num_classes}
-    task = cls(backbone, dtype=dtype, **head)
-    task.preprocessor_config = backbone.preprocessor_config
-    task.preprocessor = converter_for(backbone, preprocessor or {})
-    return task
+        head, names = {"num_classes": num_classes}, None
+    converter = (card_converter(card, backbone)
+                 or converter_for(backbone, preprocessor or {}))
+    return cls(backbone, dtype=dtype, preprocessor=converter,
+               class_names=_class_names_for(head["num_classes"], names,
+                                            card), **head)
 
 
 def abstract_model(cls, handle, **kwargs):
@@ -209,6 +228,12 @@ def resolve(handle):
         return download_preset(handle)
     if handle in builtin.builtin_presets():
         return builtin.materialize(handle)
+    from keras_e3.presets.vit_checkpoints import is_vit_npz
+
+    if is_vit_npz(handle):  # a dense vit_jax / big_vision checkpoint
+        from keras_e3.presets.vit_checkpoints import materialize_vit_npz
+
+        return materialize_vit_npz(handle)
     if os.path.isdir(handle):
         return handle
     if os.sep in handle or handle.startswith(".") or os.path.exists(handle):
@@ -216,7 +241,8 @@ def resolve(handle):
     raise PresetError(
         f"Unknown preset {handle!r}. Use a built-in name "
         f"({', '.join(builtin.list_presets()) or 'none'}), a local preset "
-        "directory, or hf://owner/repo[/revision].")
+        "directory, hf://owner/repo[/revision], or a dense ViT .npz (path "
+        "or URL).")
 
 
 def _spec(preset_dir, file_name, cls):
@@ -241,6 +267,15 @@ def _stored_head(preset_dir):
     return {k: config[k] for k in HEAD_SETTINGS if k in config}
 
 
+def _stored_class_names(preset_dir):
+    """The class names in the preset's task.json, or None."""
+    if not os.path.isfile(os.path.join(preset_dir, files.TASK_CONFIG_FILE)):
+        return None
+    config = files.read_json(preset_dir, files.TASK_CONFIG_FILE)
+    config = config.get("config", {}) if isinstance(config, dict) else {}
+    return config.get("class_names")
+
+
 def _stored_preprocessor(preset_dir):
     """The preset's preprocessor.json, or {} if it has none."""
     if os.path.isfile(os.path.join(preset_dir, files.PREPROCESSOR_FILE)):
@@ -248,20 +283,7 @@ def _stored_preprocessor(preset_dir):
     return {}
 
 
-def preprocessor_config(backbone, stored=None):
-    """How to feed `backbone`: the stored settings `stored` (a preset's
-    preprocessor.json), completed with the model's channels and vmoe's
-    [-1, 1] value range. The image size is always the model's (it may have
-    been resized)."""
-    if stored and "class_name" in stored:  # a serialised ImageConverter
-        stored = converter_for(backbone, stored).preprocessor_config()
-    return {"num_channels": backbone.num_channels,
-            "value_range": [float(v) for v in DEFAULT_VALUE_RANGE],
-            **(stored or {}),
-            "image_size": list(backbone.embedding.image_size)}
-
-
-def resize_backbone(backbone, image_size, method="bilinear"):
+def resize_backbone(backbone, image_size, method="vit_zoom"):
     """A copy of `backbone` for `image_size`, its position embedding
     resampled to the new patch grid (vmoe's vit_zoom / timm's resample)."""
     config = dict(backbone.get_config(), image_size=image_size)
@@ -284,20 +306,24 @@ def resize_backbone(backbone, image_size, method="bilinear"):
 
 def save_to_preset(model, preset_dir, preprocessor=None,
                    extra_metadata=None, extra_files=None, max_shard_size=None):
-    """Writes a backbone or a classifier as a preset directory."""
+    """Writes a backbone or a classifier as a preset directory.
+
+    preprocessor.json is always the serialised `ImageConverter`:
+    `preprocessor` (a converter, or an older flat dict, converted), else
+    the model's `preprocessor`, else the default converter for the
+    backbone's input shape (`ImageConverter(image_size, num_channels)`:
+    0..255 pixels, bilinear resize, values scaled to [-1, 1]); its image
+    size is always the backbone's. A classifier's `class_names` go into
+    task.json (its config) and metadata.json."""
     task = model if hasattr(model, "backbone") else None
     backbone = model.backbone if task is not None else model
-    if preprocessor is None and isinstance(
-            getattr(model, "preprocessor", None), ImageConverter):
-        preprocessor = model.preprocessor
-    if isinstance(preprocessor, ImageConverter):
-        # preprocessor.json: the converter's Keras serialisation.
-        preprocessor = keras.saving.serialize_keras_object(
-            converter_for(backbone, preprocessor))
-    else:
-        preprocessor = preprocessor_config(
-            backbone,
-            preprocessor or getattr(model, "preprocessor_config", None))
+    if preprocessor is None:
+        preprocessor = getattr(model, "preprocessor", None)
+    # preprocessor.json: always the converter's Keras serialisation (an
+    # older flat dict given here is converted; no converter at all: the
+    # default one for the backbone's input shape).
+    preprocessor = keras.saving.serialize_keras_object(
+        converter_for(backbone, preprocessor or {}))
     metadata = dict(extra_metadata or {})
     class_names = getattr(model, "class_names", None)
     if task is not None and class_names and "class_names" not in metadata:

@@ -89,12 +89,13 @@ or PyTorch).
 import keras_e3
 
 model = keras_e3.E3ViT.from_preset("hf://{repo_id}")
-member_logits = model(images)               # [B, M, C] for E³, [B, C] otherwise
-log_probs = model.predict_ensemble(images)  # log(mean_m softmax(logits_m))
+member_logits = model.predict_members(images)  # [B, M, C] (M = 1 unless E³)
+log_probs = model.predict_ensemble(images)     # log(mean_m softmax(logits_m))
 ```
 
-Images are RGB (or as in `preprocessor.json`), resized to the model's image
-size and scaled to the value range in `preprocessor.json`.
+`images`: raw images (file paths, encoded bytes, uint8 arrays of any size,
+a `tf.data` pipeline of them), turned into model inputs by the preset's
+`keras_e3.ImageConverter` (`preprocessor.json`, `model.preprocessor`).
 
 ## Architecture
 

@@ -46,11 +46,18 @@ def extract_features(model, images, batch_size=32, verbose=0):
     backbone's [N*M, D] (row n*M + m) to [N, M, D]. Routing groups span
     a batch, so with token dropping the features depend on `batch_size`,
     as in vmoe.
+
+    `images`: for an `E3ViT`, raw images of any kind its `predict` takes
+    (arrays of any size, lists of them, paths, bytes, a `tf.data.Dataset`),
+    taken through its converter (`model.preprocess`); a backbone takes
+    model-ready images only.
     """
     backbone = getattr(model, "backbone", model)
     if not isinstance(backbone, E3ViTBackbone):
         raise ValueError("extract_features expects an E3ViT or E3ViTBackbone;"
                          f" got {type(model).__name__}.")
+    if hasattr(model, "preprocess"):
+        images = model.preprocess(images, batch_size=batch_size)
     outputs = backbone.predict(images, batch_size=batch_size, verbose=verbose)
     pooled = np.asarray(outputs["pooled_output"])
     return pooled.reshape(-1, backbone.ensemble_size, pooled.shape[-1])
@@ -131,8 +138,12 @@ def fewshot_evaluate(model, train, test, shots=DEFAULT_SHOTS, seeds=(0,),
     Args:
         model: an `E3ViT` / `E3ViTBackbone`, or None when `train` and
             `test` hold features ([N, D] or [N, M, D]) instead of images.
-        train, test: `(images, labels)` pairs. Only the sampled training
-            images go through the model.
+        train, test: `(images, labels)` pairs; labels are class indices.
+            Images are raw images of any kind the model's `predict`
+            takes (arrays of any size, lists of images of different sizes,
+            paths, bytes), taken through its converter
+            (`model.preprocessor`), or model-ready images. Only the
+            sampled training images go through the model.
         shots: the k of each k-shot task.
         seeds: sampling seeds; accuracies are averaged over them.
         l2_reg: a float, or a list to sweep: each shot then reports the
@@ -163,7 +174,7 @@ def fewshot_evaluate(model, train, test, shots=DEFAULT_SHOTS, seeds=(0,),
         train_feats = _as_members(np.asarray(x_train)[needed])
         test_feats = _as_members(x_test)
     else:
-        train_feats = extract_features(model, np.asarray(x_train)[needed],
+        train_feats = extract_features(model, _take(x_train, needed),
                                        batch_size=batch_size)
         test_feats = extract_features(model, x_test, batch_size=batch_size)
     results = {}
@@ -196,6 +207,14 @@ def fewshot_evaluate(model, train, test, shots=DEFAULT_SHOTS, seeds=(0,),
     return {"shots": list(shots), "seeds": list(seeds),
             "ensemble_size": train_feats.shape[1], "num_classes": num_classes,
             "results": results}
+
+
+def _take(images, indices):
+    """The images at `indices` of a batch array or of a list of images
+    (sizes may differ), keeping the kind."""
+    if isinstance(images, (list, tuple)):
+        return [images[int(i)] for i in indices]
+    return np.asarray(images)[indices]
 
 
 def _as_members(features):

@@ -133,3 +133,59 @@ def test_errors_name_the_array(fixture):
     with pytest.raises(ViTCheckpointError, match="not a vit_jax"):
         model_from_vit_npz({"embedding/kernel": np.zeros((8, 8, 3, 32))},
                            keras_e3.E3ViT)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_E3_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_from_preset_npz_converts_once_and_resizes_by_vit_zoom(fixture,
+                                                                cache):
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    path = str(fixture_dir("upcycle_tiny") / "dense" / "checkpoint.npz")
+    model = keras_e3.E3ViT.from_preset(path)
+    np.testing.assert_allclose(to_numpy(model(fixture["dense_inputs"])),
+                               fixture["dense_logits"], rtol=0, atol=1e-5)
+    # vit_jax's evaluation converter: resize, 0..255 -> [-1, 1]
+    assert model.preprocessor.image_size == (32, 32)
+    assert model.preprocessor.value_range == (-1.0, 1.0)
+    converted = sorted(p.name for p in (cache / "presets").iterdir())
+    assert len(converted) == 1 and converted[0].startswith("vit-")
+    keras_e3.E3ViT.from_preset(path)  # reused, not converted again
+    assert sorted(p.name for p in (cache / "presets").iterdir()) == \
+        converted
+    # another resolution: vmoe's vit_zoom (scipy.ndimage.zoom, order 1) on
+    # the 4x4 grid, the class token's embedding kept
+    big = keras_e3.E3ViT.from_preset(path, image_size=48)
+    pos = fixture["checkpoint"]["Transformer/posembed_input/pos_embedding"]
+    grid = pos[:, 1:].reshape(1, 4, 4, 32)
+    expected = scipy_ndimage.zoom(grid, (1, 1.5, 1.5, 1), order=1)
+    got = to_numpy(big.backbone.embedding.position_embedding)
+    np.testing.assert_allclose(got[:, 1:].reshape(expected.shape), expected,
+                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got[:, :1], pos[:, :1])
+    with pytest.raises(keras_e3.PresetError, match="No such .npz"):
+        keras_e3.E3ViT.from_preset(str(cache / "missing.npz"))
+
+
+def test_cli_upcycle_writes_a_preset(fixture, cache, tmp_path):
+    from keras_e3.cli import main
+
+    path = str(fixture_dir("upcycle_tiny") / "dense" / "checkpoint.npz")
+    out = tmp_path / "e3"
+    assert main(["upcycle", path, str(out), "--experts", "4",
+                 "--moe-layers", "1,3", "--ensemble-size", "2", "--top-k",
+                 "1", "--capacity-factor", "2", "--group-size", "68"]) == 0
+    model = keras_e3.E3ViT.from_preset(str(out))
+    assert tuple(model.backbone.moe_layers) == (1, 3)
+    assert model.ensemble_size == 2
+    variables = vmoe_variable_map(model)
+    for name, value in fixture["params"].items():
+        if "/Moe/Router/" not in name:
+            np.testing.assert_allclose(to_numpy(variables[name]), value,
+                                       rtol=0, atol=1e-6, err_msg=name)
+    with pytest.raises(SystemExit):
+        main(["upcycle", path, str(tmp_path / "x"), "--experts", "4",
+              "--moe-layers", "one"])

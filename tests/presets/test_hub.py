@@ -139,7 +139,7 @@ def test_upload_then_from_preset_round_trip(hf, fake_hub, tiny):
 
     model = keras_e3.E3ViT.from_preset("hf://keras-e3/round-trip")
     np.testing.assert_array_equal(_outputs(model, tiny), tiny["outputs"])
-    assert model.preprocessor_config["image_size"] == [16, 16]
+    assert model.preprocessor.image_size == (16, 16)
 
     # Uploading the same preset again is a no-op commit, not an error.
     assert e3hub.upload_preset("hf://keras-e3/round-trip", tiny["preset"])

@@ -106,7 +106,7 @@ def test_image_size_override_resamples_position_embeddings(saved):
     np.testing.assert_array_equal(new[:, :1], old[:, :1])  # class token
     out = loaded(np.zeros((2, 32, 32, 3), "float32"))
     assert out.shape == (2, 2, 5)
-    assert loaded.preprocessor_config["image_size"] == [32, 32]
+    assert loaded.preprocessor.image_size == (32, 32)
     for a, b in zip(model.backbone.weights, loaded.backbone.weights):
         if "position" not in a.path:
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
