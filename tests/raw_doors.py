@@ -94,3 +94,28 @@ def reference(model, images):
             for image in images]
     logits = np.concatenate([np.asarray(r, np.float32) for r in rows])
     return logits[:, None, :] if logits.ndim == 2 else logits
+
+
+def own_metrics(logits, labels, num_bins=15):
+    """Accuracy, NLL, ECE (equal-width bins) and Brier of probabilities
+    computed here, float64."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+    if probs.ndim == 3:  # [N, M, C] -> the ensemble
+        probs = probs.mean(1)
+    n = len(labels)
+    confidence, predicted = probs.max(-1), probs.argmax(-1)
+    correct = predicted == labels
+    ece = 0.0
+    for b in range(num_bins):
+        lo, hi = b / num_bins, (b + 1) / num_bins
+        inside = (confidence > lo) & (confidence <= hi) if b else \
+            (confidence <= hi)
+        if inside.any():
+            ece += inside.sum() / n * abs(correct[inside].mean()
+                                          - confidence[inside].mean())
+    onehot = np.eye(probs.shape[-1])[labels]
+    return {"accuracy": correct.mean(),
+            "nll": -np.mean(np.log(probs[np.arange(n), labels])),
+            "ece": ece, "brier": np.mean(((probs - onehot) ** 2).sum(-1))}

@@ -31,9 +31,11 @@ Where it runs: on NumPy inputs and every host input the conversion is
 NumPy (any Keras backend, no TensorFlow needed) and returns a NumPy array;
 on `tf.Tensor`s inside a `tf.data` map (graph mode) it uses TensorFlow's
 own ops (string tensors are decoded as encoded images, by
-`tf.io.decode_image` with their own channels, then the channel rule).
+`tf.io.decode_image` with their own channels, JPEGs with libjpeg's
+accurate integer DCT as Pillow decodes them, then the channel rule).
 
-Pixels are checked before anything else (uint8 images never need it):
+Pixels are checked before anything else (uint8 images only by a converter
+of a range narrower than 0..255, e.g. an older 0..16 digits preset):
 non-finite values, and values more than 0.25% of the range outside
 `input_range` (e.g. images already scaled to [-1, 1], or 16-bit values,
 given to a 0-255 converter), are a ValueError rather than silently wrong
@@ -295,18 +297,66 @@ class ImageConverter(keras.layers.Layer):
         tol = READY_TOLERANCE * (hi - lo)
         ready = bool(np.isfinite(x).all() and x.min() >= lo - tol
                      and x.max() <= hi + tol)
-        if ready and lo < 0.0 and self.input_range[1] > 1.0 and \
+        if ready and self._checks_ambiguity() and \
                 x.min() >= 0.0 and 0.0 < x.max() <= 1.0:
             raise ValueError(
                 f"Float images of the model's size with values in "
-                f"[{float(x.min()):g}, {float(x.max()):g}]: these look like "
-                f"pixels scaled to [0, 1], not model inputs in "
-                f"[{lo:g}, {hi:g}] (which they would be taken for). Give raw "
-                f"pixels (uint8 0..255, or floats in "
+                f"[{float(x.min()):g}, {float(x.max()):g}]: "
+                + self._ambiguity_message())
+        return ready
+
+    def _checks_ambiguity(self):
+        return self.value_range[0] < 0.0 and self.input_range[1] > 1.0
+
+    def _ambiguity_message(self):
+        lo, hi = self.value_range
+        return (f"these look like pixels scaled to [0, 1], not model inputs "
+                f"in [{lo:g}, {hi:g}] (which they would be taken for). Give "
+                f"raw pixels (uint8 0..255, or floats in "
                 f"[{self.input_range[0]:g}, {self.input_range[1]:g}]); to "
                 f"feed model inputs as they are, call the model directly "
                 f"(model(x) or model.predict_on_batch(x)).")
-        return ready
+
+    def ready_or_convert_tf(self, x, shape):
+        """`is_model_ready` and `convert_tf` in one graph: a batch
+        [B, H, W, C] (TensorFlow) through the converter, unless it is a
+        float batch of the model's input `shape` (H, W, C) already in
+        `value_range` (fed as it is); the ambiguous [0, 1] floats are an
+        assertion. Returns float32 [B, *shape]."""
+        import tensorflow as tf
+
+        static = x.shape[1:]
+        compatible = all(d is None or d == e for d, e in zip(static, shape))
+        if not x.dtype.is_floating or not compatible:
+            out = tf.cast(self.convert_tf(x), tf.float32)
+            out.set_shape([None, *shape])
+            return out
+        lo, hi = self.value_range
+        tol = READY_TOLERANCE * (hi - lo)
+
+        def value_ready():
+            f = tf.cast(x, tf.float32)
+            x_min, x_max = tf.reduce_min(f), tf.reduce_max(f)
+            ready = tf.logical_and(tf.reduce_all(tf.math.is_finite(f)),
+                                   tf.logical_and(x_min >= lo - tol,
+                                                  x_max <= hi + tol))
+            if self._checks_ambiguity():
+                scaled = tf.logical_and(x_min >= 0.0, tf.logical_and(
+                    x_max > 0.0, x_max <= 1.0))
+                check = tf.debugging.Assert(
+                    tf.logical_not(tf.logical_and(ready, scaled)),
+                    ["Float images of the model's size with values in "
+                     "[0, 1]: " + self._ambiguity_message()])
+                with tf.control_dependencies([check]):
+                    ready = tf.identity(ready)
+            return ready
+
+        shape_ok = tf.reduce_all(tf.equal(tf.shape(x)[1:], list(shape)))
+        ready = tf.cond(shape_ok, value_ready, lambda: tf.constant(False))
+        out = tf.cond(ready, lambda: tf.cast(x, tf.float32),
+                      lambda: tf.cast(self.convert_tf(x), tf.float32))
+        out.set_shape([None, *shape])
+        return out
 
     def convert(self, images):
         """Host conversion (NumPy): any supported input -> float32 NumPy
@@ -365,8 +415,15 @@ class ImageConverter(keras.layers.Layer):
         """Refuses pixels that cannot be what `input_range` says (module
         docstring): non-finite values, values far outside the range, and
         non-uint8 images that look like [0, 1] or [0, 16] pixels given to
-        a 0..255 converter. uint8 images are pixels by definition."""
-        if x.size == 0 or x.dtype == np.uint8:
+        a 0..255 converter. uint8 images are pixels by definition: only a
+        converter of a narrower range (e.g. 0..16) refuses them."""
+        if x.size == 0:
+            return
+        if x.dtype == np.uint8:  # pixels; only a narrower range can fail
+            if self.input_range[1] < 255.0 and float(x.max()) > \
+                    self.input_range[1] * (1 + INPUT_TOLERANCE):
+                raise ValueError(_pixel_problem(
+                    float(x.min()), float(x.max()), self.input_range))
             return
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise ValueError("Images contain NaN or infinite values.")
@@ -405,18 +462,40 @@ class ImageConverter(keras.layers.Layer):
         with tf.control_dependencies(asserts):
             return tf.identity(x)
 
-    def convert_tf(self, images):
-        """TensorFlow ops (inside tf.data): [H, W, C] or [B, H, W, C] or an
-        encoded image string -> float32, same rank (strings give
-        [H, W, C])."""
+    def convert_tf(self, images, resize_fn=None):
+        """The conversion in TensorFlow ops (tf.data maps, exported graphs).
+
+        Args:
+            images: a tf.Tensor [H, W, C] or [B, H, W, C] (any integer or
+                float dtype), or a scalar tf.string of encoded image bytes.
+            resize_fn: `resize_fn(x, size, interpolation)` in place of
+                TensorFlow's resize ops (`tf.image.resize` /
+                `tf.compat.v1.image.resize_area`), for formats that must
+                express them with other ops (keras_e3.export); it must
+                compute the same resampling.
+
+        Returns:
+            float32 of the same rank ([H, W, C] for strings); only static
+            shapes are set (no shape-assertion ops in the graph).
+        """
         import tensorflow as tf
 
+        resize = resize_fn or _resize_tf
         x = images
         if x.dtype == tf.string:
             # The file's own channels (1, 2, 3 or 4), then the one channel
             # rule below, as on the host (Pillow decodes to the same).
-            x = tf.io.decode_image(x, channels=0, expand_animations=False)
-            x = tf.ensure_shape(x, [None, None, None])
+            # JPEGs with the accurate integer DCT: libjpeg's ISLOW, what
+            # Pillow decodes with (TensorFlow's default DCT differs by a
+            # few levels).
+            encoded = x
+            x = tf.cond(
+                tf.io.is_jpeg(encoded),
+                lambda: tf.io.decode_jpeg(encoded, channels=0,
+                                          dct_method="INTEGER_ACCURATE"),
+                lambda: tf.io.decode_image(encoded, channels=0,
+                                           expand_animations=False))
+            x.set_shape([None, None, None])
         single = x.shape.rank == 3
         if single:
             x = x[None]
@@ -436,15 +515,15 @@ class ImageConverter(keras.layers.Layer):
                             tf.int32),
                     tf.cast(tf.round(tf.cast(w, tf.float32) * ratio),
                             tf.int32)]
-            x = _resize_tf(x, size, self.interpolation)
+            x = resize(x, size, self.interpolation)
             if self.image_size is not None:
                 ch, cw = self.image_size
                 top = (size[0] - ch) // 2
                 left = (size[1] - cw) // 2
                 x = x[:, top:top + ch, left:left + cw, :]
-                x = tf.ensure_shape(x, [None, ch, cw, None])
+                x.set_shape([None, ch, cw, None])
         elif self.image_size is not None:
-            x = _resize_tf(x, self.image_size, self.interpolation)
+            x = resize(x, self.image_size, self.interpolation)
         if self.cast_to_input_dtype:
             x = tf.cast(x, dtype)
         x = self._scale(tf.cast(x, tf.float32))
@@ -665,16 +744,22 @@ def _convert_channels(x, num_channels, lib):
             raise ValueError("A converter without num_channels cannot "
                              "decode files inside a graph.")
         count = tf.shape(x)[-1]
-        branches = {c: (lambda c=c: _convert_static(
-            tf.ensure_shape(x[..., :c], [None] * (len(x.shape) - 1) + [c]),
-            num_channels, tf)) for c in (1, 2, 3, 4)}
+        rank = len(x.shape)
+
+        def branch(c):
+            def convert():
+                part = x[..., :c]
+                part.set_shape([None] * (rank - 1) + [c])
+                return _convert_static(part, num_channels, tf)
+            return convert
+
         out = tf.switch_case(tf.clip_by_value(count, 1, 4) - 1,
-                             [branches[c] for c in (1, 2, 3, 4)])
+                             [branch(c) for c in (1, 2, 3, 4)])
         with tf.control_dependencies([tf.debugging.assert_less_equal(
                 count, 4, message="images with more than 4 channels")]):
-            return tf.ensure_shape(
-                tf.identity(out), [None] * (len(x.shape) - 1)
-                + [num_channels])
+            out = tf.identity(out)
+        out.set_shape([None] * (rank - 1) + [num_channels])
+        return out
     return _convert_static(x, num_channels, lib)
 
 

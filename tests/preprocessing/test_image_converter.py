@@ -206,6 +206,13 @@ def test_files_of_every_mode_give_the_same_inputs_in_a_graph(num_channels):
         # (float32 resampling sums in another order: 1 ulp)
         np.testing.assert_allclose(next(iter(graph)).numpy(), host[0],
                                    rtol=0, atol=1e-6, err_msg=mode)
+    # JPEGs decode as Pillow decodes them (the accurate integer DCT)
+    for mode in ("L", "RGB"):
+        data = _pil_bytes(rgb, mode, fmt="JPEG")
+        graph = tf.data.Dataset.from_tensor_slices([data]).map(converter)
+        np.testing.assert_allclose(next(iter(graph)).numpy(),
+                                   converter(data)[0], rtol=0, atol=1e-6,
+                                   err_msg=f"JPEG {mode}")
     # and the RGB file given to a gray model is the luma of its pixels
     if num_channels == 1:
         luma = np.round(rgb.astype(np.float32) @ np.float32(
@@ -239,6 +246,10 @@ def test_float_range():
     ImageConverter(image_size=4, input_range=(0, 1))(
         np.full((4, 4, 3), 0.5, np.float32))
     ImageConverter(image_size=4, input_range=(0, 16))(digits)
+    # uint8 pixels given to a converter of a narrower range
+    with pytest.raises(ValueError, match=r"far outside.*\[0, 16\]"):
+        ImageConverter(image_size=4, input_range=(0, 16))(
+            np.full((4, 4, 3), 200, np.uint8))
 
 
 def test_float_range_inside_tf_data():

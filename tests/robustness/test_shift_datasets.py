@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 import raw_doors
-from test_robustness import own_metrics
+from raw_doors import own_metrics
 
 from keras_e3.data.shift import class_subset
 from keras_e3.data.shift import shift_dataset_info
