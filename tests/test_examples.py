@@ -116,3 +116,20 @@ def test_readme_hand_built_model_snippet_runs(tmp_path):
         "np.zeros((8, 8), np.uint8)), top=1)[0][0][0])")
     assert run_snippet(code, tmp_path).strip().splitlines()[-1] in [
         str(i) for i in range(10)]
+
+
+@pytest.mark.single_backend
+def test_readme_robustness_snippet_runs(tmp_path):
+    pytest.importorskip("imagecorruptions")
+    code = readme_snippet("## Robustness under distribution shift")
+    out = run_snippet(code, tmp_path).strip().splitlines()
+    assert 0.0 < float(out[-2]) < 10.0  # an mCE against the V-MoE
+    assert "'severity': 0" in out[-1] and "'model': 'ensemble'" in out[-1]
+
+
+@pytest.mark.single_backend
+def test_readme_upcycle_snippet_runs(tmp_path):
+    code = readme_snippet("## Dense ViTs and sparse upcycling")
+    assert run_snippet(code, tmp_path).strip().splitlines()[-1] == "4 2"
+    assert (tmp_path / "e3_from_vit" / "preprocessor.json").is_file()
+
