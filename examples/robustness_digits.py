@@ -151,10 +151,11 @@ def rounded(value):
     return value
 
 
-def fmt(values, scale=1.0, digits=2):
+def fmt(values, scale=1.0, digits=2, missing="–"):
+    """"mean ± std" (sample std) of the values that are not None."""
     values = [v for v in values if v is not None]
     if not values:
-        return "–"
+        return missing
     mean = np.mean(values) * scale
     std = (np.std(values, ddof=1) * scale) if len(values) > 1 else 0.0
     return f"{mean:.{digits}f} ± {std:.{digits}f}"

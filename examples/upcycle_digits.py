@@ -29,9 +29,9 @@ import os
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import robustness_digits  # noqa: E402  (its table formatting)
 import train_digits  # noqa: E402  (the recipe and the model configs)
 
 import keras_e3  # noqa: E402
@@ -108,11 +108,7 @@ def run_seed(seed, args, data):
 
 
 def fmt(values, scale=1.0, digits=2):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "not reached"
-    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values) * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return robustness_digits.fmt(values, scale, digits, missing="not reached")
 
 
 def table(per_seed, args):

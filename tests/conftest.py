@@ -147,3 +147,16 @@ def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "keras_e3.cli", *args],
                           capture_output=True, text=True, env=env,
                           timeout=timeout)
+
+
+def run_in_process(capsys, *argv):
+    """(exit code, stdout, stderr) of `keras-e3 ARGV`, in this process."""
+    from keras_e3 import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+

@@ -110,11 +110,7 @@ def run(args):
     if getattr(args, "data", None) is None:
         raise ValueError("--data is required (digits or a folder).")
     args.preset = presets[0]
-    batch_size = _positive(getattr(args, "batch_size", 64), "--batch-size")
-    num_bins = _positive(getattr(args, "num_bins", 15), "--num-bins")
-    max_examples = getattr(args, "max_examples", None)
-    if max_examples is not None:
-        max_examples = _positive(max_examples, "--max-examples")
+    batch_size, num_bins, max_examples = _sizes(args)
     ood_spec = getattr(args, "ood_data", None)
     check_dataset_spec(args.data, "--data", ood=False)
     if ood_spec is not None:
@@ -168,11 +164,7 @@ def run_robustness(args, presets):
     from keras_e3.evaluation.robustness import summarize_corruptions
     from keras_e3.io_utils import write_json_atomic
 
-    batch_size = _positive(getattr(args, "batch_size", 64), "--batch-size")
-    num_bins = _positive(getattr(args, "num_bins", 15), "--num-bins")
-    max_examples = getattr(args, "max_examples", None)
-    if max_examples is not None:
-        max_examples = _positive(max_examples, "--max-examples")
+    batch_size, num_bins, max_examples = _sizes(args)
     corruptions = getattr(args, "corruptions", None)
     shifts = _as_list(getattr(args, "shift_dataset", None))
     if corruptions:  # bad names or severities fail before any work
@@ -308,6 +300,16 @@ def model_class_names(model):
     """The model's class names; "0", "1", ... for a model without names."""
     return list(getattr(model, "class_names", None) or [
         str(i) for i in range(model.num_classes)])
+
+
+def _sizes(args):
+    """(batch size, ECE bins, max examples or None), checked."""
+    batch_size = _positive(getattr(args, "batch_size", 64), "--batch-size")
+    num_bins = _positive(getattr(args, "num_bins", 15), "--num-bins")
+    max_examples = getattr(args, "max_examples", None)
+    if max_examples is not None:
+        max_examples = _positive(max_examples, "--max-examples")
+    return batch_size, num_bins, max_examples
 
 
 def _positive(value, name):

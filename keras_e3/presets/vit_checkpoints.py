@@ -49,14 +49,6 @@ def _local_file(handle, cache_dir=None):
     return download_file(url, directory, url.rstrip("/").rsplit("/", 1)[-1])
 
 
-def _file_digest(path):
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 def materialize_vit_npz(handle, cache_dir=None):
     """A verified preset directory for the .npz `handle` (module
     docstring); converted on first use."""
@@ -66,7 +58,7 @@ def materialize_vit_npz(handle, cache_dir=None):
 
     local = _local_file(handle, cache_dir)
     target = os.path.join(cache_root(cache_dir), "presets",
-                          "vit-" + _file_digest(local)[:16])
+                          "vit-" + preset_io.sha256(local)[:16])
     if os.path.isfile(os.path.join(target, preset_io.METADATA_FILE)):
         try:
             preset_io.verify_preset(target)

@@ -8,20 +8,14 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import run_in_process
 from conftest import BACKEND
 from conftest import ROOT
 
-from keras_e3 import cli
 
 
 def run(capsys, *argv):
-    """(exit code, stdout, stderr) of the CLI, in this process."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_in_process(capsys, *argv)
 
 
 def test_demo_predicts_raw_digits_and_an_image_through_the_converter(

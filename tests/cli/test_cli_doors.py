@@ -10,6 +10,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import run_in_process
 from PIL import Image
 from raw_doors import raw_images
 from raw_doors import reference
@@ -17,7 +18,6 @@ from raw_doors import tiny_model
 from raw_doors import write_images
 
 import keras_e3
-from keras_e3 import cli
 from keras_e3.data.digits import load_digits_raw
 from keras_e3.metrics import evaluate_predictions
 
@@ -25,13 +25,7 @@ TOL = 1e-5
 
 
 def run(capsys, *argv):
-    """(exit code, stdout, stderr) of the CLI, in this process."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_in_process(capsys, *argv)
 
 
 def decoded(path):

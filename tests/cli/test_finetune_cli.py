@@ -5,10 +5,10 @@ import json
 import keras
 import numpy as np
 import pytest
+from conftest import run_in_process
 from conftest import ROOT
 
 import keras_e3
-from keras_e3 import cli
 from keras_e3.presets import files as preset_io
 from keras_e3.metrics import evaluate_predictions
 
@@ -16,13 +16,7 @@ VIT_DIGITS = str(ROOT / "presets" / "vit_tiny_digits")
 
 
 def run(capsys, *argv):
-    """(exit code, stdout, stderr) of the CLI, in this process."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_in_process(capsys, *argv)
 
 
 def image_folder(root, counts, size=12):
