@@ -95,3 +95,38 @@ def test_router_losses_are_summed_over_moe_blocks():
     assert len(per_block) == 2 and abs(per_block[0] - per_block[1]) > 1e-4
     assert logs["importance_loss"] == pytest.approx(sum(per_block),
                                                     rel=1e-4)
+
+
+def test_load_loss_uses_the_noise_std_divided_by_the_members_experts(
+        monkeypatch):
+    """vmoe's E³ router re-noises with noise_std / (E / M): with the noise
+    draws set to zero, the load loss equals the formula written out here
+    in NumPy with that std (the undivided std gives another value)."""
+    from math import erf
+
+    from keras_e3.layers import Router
+
+    monkeypatch.setattr(keras.random, "normal",
+                        lambda shape, dtype=None, seed=None, **kw:
+                        keras.ops.zeros(shape, dtype=dtype))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 6, 3)).astype("float32")
+    router = Router(num_experts=4, num_selected_experts=1, ensemble_size=2,
+                    noise_std=1.0)
+    _, metrics = router(x, training=True)
+    kernel = to_numpy(router.kernel).astype(np.float64)  # [H, M, E/M]
+
+    def loss(std):
+        out = np.zeros((2, 2))
+        for m in range(2):
+            logits = x[:, m::2].astype(np.float64) @ kernel[:, m]  # [G,3,2]
+            threshold = logits.max(-1, keepdims=True)  # K = 1, no noise
+            z = (threshold - logits) / std
+            p = 1 - 0.5 * (1 + np.vectorize(erf)(z / np.sqrt(2)))
+            p_mean = p.mean(1)  # over the member's tokens
+            out[:, m] = p_mean.var(-1) / p_mean.mean(-1) ** 2
+        return out
+
+    got = to_numpy(metrics["load_loss"])
+    np.testing.assert_allclose(got, loss(1.0 / 2), rtol=1e-4, atol=1e-7)
+    assert np.abs(loss(1.0) - loss(0.5)).max() > 1e-3
