@@ -130,3 +130,18 @@ def test_load_loss_uses_the_noise_std_divided_by_the_members_experts(
     got = to_numpy(metrics["load_loss"])
     np.testing.assert_allclose(got, loss(1.0 / 2), rtol=1e-4, atol=1e-7)
     assert np.abs(loss(1.0) - loss(0.5)).max() > 1e-3
+
+
+@pytest.mark.parametrize("rule, capacity", [(None, 4), ("ceil", 4),
+                                            ("round", 3)])
+def test_capacity_rounding_changes_a_built_models_capacity(rule, capacity):
+    """group_size 10, K 1, capacity factor 1.3, 4 experts: 3.25 slots,
+    ceil -> 4 (the default, tested by leaving the argument out), round -> 3
+    (no rounding to a multiple)."""
+    kwargs = {} if rule is None else {"capacity_ceil_or_round": rule}
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=8, num_layers=2,
+        num_heads=2, mlp_dim=8, num_experts=4, moe_layers=(1,),
+        num_selected_experts=1, capacity_factor=1.3, group_size=10,
+        capacity_multiple_of=1, **kwargs)
+    assert backbone.encoder_blocks[1].mlp.capacity == capacity
