@@ -234,7 +234,10 @@ def test_workdir_takes_the_latest_complete_step(fixture, workdir, capsys):
     shutil.copytree(ckpt / str(STEP), ckpt / "3000")
     (ckpt / "3000" / "commit_success.txt").unlink()
     shutil.copytree(ckpt / str(STEP), ckpt / "500")  # complete but older
-    for name in ("3000", "2000.orbax-checkpoint-tmp", "500"):
+    # interrupted but older than the step read: skipped without a word
+    shutil.copytree(ckpt / str(STEP), ckpt / "400.orbax-checkpoint-tmp")
+    for name in ("3000", "2000.orbax-checkpoint-tmp", "500",
+                 "400.orbax-checkpoint-tmp"):
         # Were they read, the model would not load.
         shutil.rmtree(ckpt / name / "state" / "ocdbt.process_0")
     with warnings.catch_warnings(record=True) as caught:
