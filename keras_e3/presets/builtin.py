@@ -8,6 +8,10 @@ A card is a JSON file with at least `name`, `description` and `kind`:
     prefix of vmoe's native format) for the official model config
     `vmoe_config`; converted on first use and cached as a normal preset
     under `$KERAS_E3_CACHE/presets` (default ~/.keras/keras_e3/presets).
+  - "vit_checkpoint": a dense ViT's published `.npz` at `checkpoint`
+    (vit_jax / big_vision; e.g. the AugReg checkpoints), converted on first
+    use by `keras_e3.presets.vit_checkpoints` (vit_jax's evaluation
+    converter); `vmoe_config` is its architecture as a dense vmoe config.
   - "architecture": `vmoe_config` only (the paper's large E³ models, with no
     released weights): load with `load_weights=False`.
 Every card's architecture is also available without weights, offline:
@@ -25,9 +29,10 @@ import keras
 from keras_e3.presets import files as preset_io
 from keras_e3.presets.files import PresetError
 
-KINDS = ("embedded", "vmoe_checkpoint", "architecture")
+KINDS = ("embedded", "vmoe_checkpoint", "vit_checkpoint", "architecture")
 _REQUIRED = {"embedded": ("path",),
              "vmoe_checkpoint": ("vmoe_config", "checkpoint"),
+             "vit_checkpoint": ("vmoe_config", "checkpoint", "image_size"),
              "architecture": ("vmoe_config",)}
 
 

@@ -80,7 +80,8 @@ def from_preset(cls, handle, num_classes=None, image_size=None,
     preset_dir = resolve(handle)
     # An official checkpoint's cached preset was just verified (or written)
     # by `builtin.materialize`: do not hash its weights a second time.
-    if load_weights and (card is None or card["kind"] != "vmoe_checkpoint"):
+    if load_weights and (card is None or card["kind"] not in (
+            "vmoe_checkpoint", "vit_checkpoint")):
         files.verify_preset(preset_dir)
     config = _spec(preset_dir, files.CONFIG_FILE, _backbone_cls(cls))
     head = _stored_head(preset_dir) if _is_task(cls) else None
@@ -226,7 +227,12 @@ def resolve(handle):
         from keras_e3.presets.hub import download_preset
 
         return download_preset(handle)
-    if handle in builtin.builtin_presets():
+    card = builtin.builtin_presets().get(handle)
+    if card is not None and card["kind"] == "vit_checkpoint":
+        from keras_e3.presets.vit_checkpoints import materialize_vit_npz
+
+        return materialize_vit_npz(card["checkpoint"])
+    if card is not None:
         return builtin.materialize(handle)
     from keras_e3.presets.vit_checkpoints import is_vit_npz
 

@@ -189,3 +189,37 @@ def test_cli_upcycle_writes_a_preset(fixture, cache, tmp_path):
     with pytest.raises(SystemExit):
         main(["upcycle", path, str(tmp_path / "x"), "--experts", "4",
               "--moe-layers", "one"])
+
+
+def test_vit_checkpoint_cards(fixture, cache, monkeypatch):
+    """A "vit_checkpoint" card (the AugReg cards' kind) whose checkpoint is
+    the fixture's .npz: vit_jax's logits, converted once; the shipped
+    AugReg cards' architectures build without weights, offline."""
+    from keras_e3.presets import builtin
+
+    path = str(fixture_dir("upcycle_tiny") / "dense" / "checkpoint.npz")
+    card = {"name": "vit_tiny_fixture", "kind": "vit_checkpoint",
+            "description": "fixture", "license": "-", "source": "-",
+            "checkpoint": path, "image_size": 32,
+            "vmoe_config": {"name": "VisionTransformerMoe", "num_classes": 10,
+                            "patch_size": [8, 8], "hidden_size": 32,
+                            "classifier": "token", "representation_size": 32,
+                            "encoder": {"num_layers": 4, "num_heads": 2,
+                                        "mlp_dim": 64}}}
+    cards = dict(builtin.builtin_presets(), vit_tiny_fixture=card)
+    monkeypatch.setattr(builtin, "builtin_presets", lambda: cards)
+    model = keras_e3.E3ViT.from_preset("vit_tiny_fixture")
+    np.testing.assert_allclose(to_numpy(model(fixture["dense_inputs"])),
+                               fixture["dense_logits"], rtol=0, atol=1e-5)
+    assert len(list((cache / "presets").iterdir())) == 1
+    architecture = keras_e3.E3ViT.from_preset("vit_tiny_fixture",
+                                              load_weights=False)
+    assert architecture.count_params() == model.count_params()
+    for name in ("augreg_s32_i21k_ft_ilsvrc2012", "augreg_b16_i21k"):
+        shipped = builtin.builtin_presets()[name]
+        assert shipped["checkpoint"].startswith("gs://vit_models/augreg/")
+        built = keras_e3.E3ViT.from_preset(name, load_weights=False)
+        assert built.count_params() == shipped["parameter_count"]
+    assert keras_e3.E3ViT.from_preset(
+        "augreg_s32_i21k_ft_ilsvrc2012",
+        load_weights=False).class_names[0] == "tench"

@@ -22,7 +22,9 @@ EVAL_PROCESS = {
 # Soft MoE cards: a proprietary dataset).
 LABELS = {1000: "imagenet2012", 100: "cifar100", 21843: None, 29593: None}
 OFFICIAL = [name for name, card in registry.builtin_presets().items()
-            if card["kind"] != "embedded"]
+            if card["kind"] in ("vmoe_checkpoint", "architecture")]
+DENSE_VIT = [name for name, card in registry.builtin_presets().items()
+             if card["kind"] == "vit_checkpoint"]
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
@@ -41,6 +43,25 @@ def test_official_card_pipeline_and_labels(name):
     if "cifar100" in name:
         assert card["labels"] == "cifar100"
         assert card["preprocessing"] == EVAL_PROCESS[128]
+
+
+@pytest.mark.parametrize("name", DENSE_VIT)
+def test_dense_vit_cards_use_vit_jax_pipeline(name):
+    """vit_jax's evaluation: tf.image.resize (bilinear) to the image size,
+    (x - 127.5) / 127.5, no cast back to uint8 (vmoe's `resize` casts):
+    the converter a converted .npz gets, and the one an architecture-only
+    load gets."""
+    card = registry.builtin_presets()[name]
+    assert "preprocessing" not in card
+    assert card.get("labels") == LABELS[card["vmoe_config"]["num_classes"]]
+    with keras.StatelessScope(initialize_variables=False):
+        model = keras_e3.E3ViT.abstract_from_preset(name)
+    converter = model.preprocessor
+    assert (converter.image_size, converter.smaller_side,
+            converter.interpolation, converter.cast_to_input_dtype,
+            converter.input_range, converter.value_range) == (
+        (card["image_size"],) * 2, None, "bilinear", False, (0.0, 255.0),
+        (-1.0, 1.0))
 
 
 @pytest.mark.parametrize("name", [n for n, c in
