@@ -217,7 +217,8 @@ def mean_corruption_error(rows, baseline="alexnet", model="ensemble",
     CE_c = sum_s E_{s,c} / sum_s E^base_{s,c}, and relative
     CE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean)
     (Hendrycks & Dietterich, 2019); mCE and relative mCE average them over
-    the corruptions (ImageNet-C's 15 by default). Values are fractions
+    the corruptions (ImageNet-C's 15 by default; a relative CE whose
+    baseline does not degrade is None and left out). Values are fractions
     (1.0 = the baseline's; papers print them x100).
 
     Args:
@@ -282,11 +283,13 @@ def mean_corruption_error(rows, baseline="alexnet", model="ensemble",
         b = np.array([theirs[c][s] for s in severities])
         ce[c] = float(e.sum() / b.sum())
         if CLEAN in ours and CLEAN in theirs:
-            relative[c] = float((e - ours[CLEAN][0]).sum()
-                                / (b - theirs[CLEAN][0]).sum())
+            # None where the baseline does not degrade at all (0 / 0)
+            degradation = (b - theirs[CLEAN][0]).sum()
+            relative[c] = (float((e - ours[CLEAN][0]).sum() / degradation)
+                           if degradation != 0 else None)
+    defined = [v for v in relative.values() if v is not None]
     return {"mce": float(np.mean(list(ce.values()))),
-            "relative_mce": (float(np.mean(list(relative.values())))
-                             if relative else None),
+            "relative_mce": float(np.mean(defined)) if defined else None,
             "ce": ce, "relative_ce": relative, "corruptions": names,
             "severities": severities, "baseline": baseline_name}
 

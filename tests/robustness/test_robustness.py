@@ -153,3 +153,12 @@ def test_summary_per_severity():
         (0, 1), (1, 2), (2, 2)]
     assert out[1]["accuracy"] == pytest.approx(0.7)
     assert out[2]["nll"] == pytest.approx(0.5)
+
+
+def test_relative_ce_is_none_where_the_baseline_does_not_degrade():
+    ours = table({"fog": {1: 0.3}, "snow": {1: 0.4}}, 0.1)
+    base = table({"fog": {1: 0.2}, "snow": {1: 0.5}}, 0.2)
+    out = mean_corruption_error(ours, base, corruptions=["fog", "snow"])
+    assert out["relative_ce"]["fog"] is None
+    # snow: (0.4 - 0.1) / (0.5 - 0.2)
+    assert out["relative_mce"] == pytest.approx(1.0)
