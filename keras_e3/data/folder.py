@@ -194,13 +194,9 @@ def digits_images(split, preprocessor):
     pixels; for a converter of another input range (an older preset's
     `source_range`, e.g. 0..16) the same digits as floats in that range."""
     from keras_e3.data.digits import SOURCE_RANGE
-    from keras_e3.data.digits import load_raw_digits_splits
 
     converter = as_converter(preprocessor, "digits_images")
-    if split not in ("train", "test"):
-        raise ValueError(f'split must be "train" or "test"; got {split!r}.')
-    train, test = load_raw_digits_splits()
-    x, y = {"train": train, "test": test}[split]
+    x, y = _raw_digits(split)
     lo, hi = converter.input_range
     if (lo, hi) != (0.0, 255.0):
         # The whole 0..16 values back (to_uint8 is invertible), mapped
@@ -229,16 +225,8 @@ def load_dataset(spec, preprocessor, split="test", class_names=None):
     converter = as_converter(preprocessor, "load_dataset")
     if spec == "digits":
         x, y = digits_images(split, converter)
-        names = [str(i) for i in range(10)]
-        if class_names is not None:
-            mapping = match_class_names(names, class_names, '"digits"')
-            y = np.asarray([mapping[names[v]] for v in y], np.int32)
-            names = [str(n) for n in class_names]
-        return converter(x), y, names
-    if not os.path.isdir(os.fspath(spec)):
-        raise ValueError(f"Unknown dataset {spec!r}: expected one of "
-                         f"{BUILTIN_DATASETS} or a folder of class "
-                         "sub-folders of images.")
+        return (converter(x), *_digits_labels(y, class_names))
+    _check_folder_spec(spec)
     return load_image_folder(spec, converter, class_names)
 
 
@@ -260,23 +248,38 @@ def load_raw_dataset(spec, split="test", class_names=None):
     from keras_e3.preprocessing.image_converter import decode_image
 
     if spec == "digits":
-        from keras_e3.data.digits import load_raw_digits_splits
+        x, y = _raw_digits(split)
+        return (x, *_digits_labels(y, class_names))
+    _check_folder_spec(spec)
+    paths, labels, names = index_image_folder(spec, class_names)
+    return [decode_image(p) for p in paths], labels, names
 
-        if split not in ("train", "test"):
-            raise ValueError(f'split must be "train" or "test"; got '
-                             f"{split!r}.")
-        train, test = load_raw_digits_splits()
-        x, y = {"train": train, "test": test}[split]
-        names = [str(i) for i in range(10)]
-        if class_names is not None:
-            mapping = match_class_names(names, class_names, '"digits"')
-            y = np.asarray([mapping[names[v]] for v in y], np.int32)
-            names = [str(n) for n in class_names]
-        return x, y, names
+
+def _raw_digits(split):
+    """The digits' `split` as uint8 [N, 8, 8, 1] and int32 labels."""
+    from keras_e3.data.digits import load_raw_digits_splits
+
+    if split not in ("train", "test"):
+        raise ValueError(f'split must be "train" or "test"; got {split!r}.')
+    train, test = load_raw_digits_splits()
+    return {"train": train, "test": test}[split]
+
+
+def _digits_labels(y, class_names):
+    """(labels, names): the digits' labels 0-9, renumbered as the indices
+    of "0" ... "9" in `class_names` when given (see
+    `match_class_names`)."""
+    names = [str(i) for i in range(10)]
+    if class_names is None:
+        return y, names
+    mapping = match_class_names(names, class_names, '"digits"')
+    return (np.asarray([mapping[names[v]] for v in y], np.int32),
+            [str(n) for n in class_names])
+
+
+def _check_folder_spec(spec):
     if not os.path.isdir(os.fspath(spec)):
         raise ValueError(f"Unknown dataset {spec!r}: expected one of "
                          f"{BUILTIN_DATASETS} or a folder of class "
                          "sub-folders of images.")
-    paths, labels, names = index_image_folder(spec, class_names)
-    return [decode_image(p) for p in paths], labels, names
 
