@@ -159,9 +159,9 @@ class ArrayDataset(keras.utils.PyDataset):
         if isinstance(self.x, list):
             return self.converter([self.x[i] for i in idx])
         images = self.x[idx]
-        if self.converter is None or self.converter.is_model_ready(images):
-            return images  # as model.predict feeds model-ready batches
-        return self.converter(images)
+        if self.converter is None:
+            return images
+        return self.converter.ready_or_convert(images)  # as model.predict
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):

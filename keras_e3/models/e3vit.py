@@ -280,23 +280,20 @@ class E3ViT(PresetMixin, keras.Model):
 
     def _images(self, images):
         converter = self.preprocessor
-        if converter is None or converter.is_model_ready(images):
-            if hasattr(images, "shape"):
-                self.backbone.embedding.check_images(tuple(images.shape))
-            return images
-        return converter(images)
+        if converter is not None:
+            images = converter.ready_or_convert(images)
+        if hasattr(images, "shape"):
+            self.backbone.embedding.check_images(tuple(images.shape))
+        return images
 
     def _batch_fn(self, labels):
         """One batch of a PyDataset or generator -> the model's form."""
-        sparse = self._sparse_labels() if labels else None
-
         def fn(batch):
             if not isinstance(batch, tuple):
                 return self._images(batch)
             out = [self._images(batch[0]), *batch[1:]]
             if labels and len(out) > 1 and out[1] is not None:
-                out[1] = prepare_labels(out[1], self.num_classes,
-                                        self.class_names, sparse=sparse)
+                out[1] = self.prepare_labels(out[1])
             return tuple(out)
 
         return fn

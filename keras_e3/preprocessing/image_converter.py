@@ -317,6 +317,13 @@ class ImageConverter(keras.layers.Layer):
                 f"feed model inputs as they are, call the model directly "
                 f"(model(x) or model.predict_on_batch(x)).")
 
+    def ready_or_convert(self, images):
+        """`images` unchanged if `is_model_ready`, else converted: the
+        host door's rule (`ready_or_convert_tf` is its graph twin)."""
+        if self.is_model_ready(images):
+            return images
+        return self.convert(images)
+
     def ready_or_convert_tf(self, x, shape):
         """`is_model_ready` and `convert_tf` in one graph: a batch
         [B, H, W, C] (TensorFlow) through the converter, unless it is a
