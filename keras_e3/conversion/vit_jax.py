@@ -119,7 +119,8 @@ def _require(params, name):
 
 def vmoe_config(params):
     """The vmoe-style model config of vmoe-named dense ViT `params`, read
-    off the arrays' shapes; and the number of input channels."""
+    off the arrays' shapes, with the convenience fields `image_size` and
+    `num_channels` (see `backbone_kwargs_from_vmoe`)."""
     kernel = _require(params, "embedding/kernel")
     if kernel.ndim != 4:
         raise ViTCheckpointError(
@@ -155,6 +156,7 @@ def vmoe_config(params):
                     "mlp_dim": int(mlp.shape[-1]),
                     "dropout_rate": 0.0, "attention_dropout_rate": 0.0},
         "head_kernel_zero_init": True,
+        "num_channels": int(channels),
     }
     pos = _require(params, "Encoder/posembed_input/pos_embedding")
     tokens = pos.shape[1] - int(has_cls)
@@ -164,7 +166,7 @@ def vmoe_config(params):
             f"The position embedding holds {tokens} patch tokens, not a "
             "square grid: pass image_size.")
     config["image_size"] = [side * int(patch_h), side * int(patch_w)]
-    return config, int(channels)
+    return config
 
 
 def model_from_vit_npz(params_or_path, task_cls, image_size=None):
@@ -181,21 +183,16 @@ def model_from_vit_npz(params_or_path, task_cls, image_size=None):
     Returns:
         The model, its weights loaded.
     """
-    from keras_e3.conversion.vmoe import backbone_kwargs_from_vmoe
-    from keras_e3.conversion.vmoe import load_vmoe_params
+    from keras_e3.conversion.vmoe import model_from_vmoe
 
     params = params_or_path
     if not isinstance(params, dict):
         params = read_npz(params)
     params = to_vmoe_names(params)
-    config, channels = vmoe_config(params)
-    kwargs, num_classes, head_kwargs = backbone_kwargs_from_vmoe(
-        config, image_size=image_size or tuple(config["image_size"]))
-    kwargs["num_channels"] = channels
-    backbone = task_cls.backbone_cls(**kwargs)
-    model = task_cls(backbone, num_classes, **head_kwargs)
+    config = vmoe_config(params)
     try:
-        return load_vmoe_params(model, params)
+        return model_from_vmoe(config, params, task_cls,
+                               image_size=image_size)
     except VmoeConversionError as e:
         raise ViTCheckpointError(str(e).replace(
             "The parameters do not match the model",

@@ -97,7 +97,9 @@ def backbone_kwargs_from_vmoe(config, image_size=None):
 
     Returns (backbone_kwargs, num_classes, head_kwargs). `image_size`
     defaults to the config's `image_size` (a convenience field, not a vmoe
-    model argument); pass it when the config lacks one.
+    model argument); pass it when the config lacks one. `num_channels`
+    (another convenience field; vmoe's models take RGB) sets the input
+    channels.
     """
     config = read_config(config)
     name = config.get("name", "VisionTransformerMoe")
@@ -142,6 +144,8 @@ def backbone_kwargs_from_vmoe(config, image_size=None):
         classifier=config.get("classifier", "token"),
         representation_size=config.get("representation_size"),
     )
+    if config.get("num_channels", 3) != 3:
+        kwargs["num_channels"] = int(config["num_channels"])
     if position_name != "learned":
         kwargs["position_embedding"] = position_name
     if "temperature" in position_emb:

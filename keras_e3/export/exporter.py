@@ -98,11 +98,8 @@ def with_dispatcher(model, dispatcher):
     config["backbone"]["config"] = dict(config["backbone"]["config"],
                                         dispatcher=dispatcher)
     clone = type(model).from_config(config)
-    clone.set_weights(model.get_weights())
-    for attr in ("preprocessor", "class_names"):
-        if hasattr(model, attr):
-            setattr(clone, attr, getattr(model, attr))
-    return clone
+    clone.set_weights(model.get_weights())  # the config carries the
+    return clone  # converter and the class names
 
 
 def format_from_path(path, format=None):

@@ -72,10 +72,8 @@ def upcycle(model, num_experts, moe_layers, num_selected_experts=None,
     task = type(model)(sparse, model.num_classes,
                        head_bias_init=model.head_bias_init,
                        head_kernel_initializer=model.head_kernel_initializer,
-                       preprocessor=model.preprocessor)
-    names = getattr(model, "class_names", None)
-    if names:
-        task.class_names = list(names)
+                       preprocessor=model.preprocessor,
+                       class_names=model.class_names)
     source = vmoe_variable_map(model)
     for name, variable in vmoe_variable_map(task).items():
         if name in source:
