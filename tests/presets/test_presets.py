@@ -21,7 +21,6 @@ import keras_e3
 from keras_e3.presets import files as preset_io
 from keras_e3.presets import loader as preset_loader
 from keras_e3.presets import builtin as registry
-from keras_e3.layers.embedding import resample_position_embedding
 from keras_e3.presets.files import PresetError
 
 PRESET_FILES = {"config.json", "model.weights.h5", "task.json",
@@ -100,8 +99,12 @@ def test_image_size_override_resamples_position_embeddings(saved):
     loaded = keras_e3.E3ViT.from_preset(preset, image_size=32)
     old = to_numpy(model.backbone.embedding.position_embedding)
     new = to_numpy(loaded.backbone.embedding.position_embedding)
-    np.testing.assert_allclose(
-        new, resample_position_embedding(old, (2, 2), (4, 4), 1), atol=1e-6)
+    # vmoe's vit_zoom: scipy.ndimage.zoom (order 1) of the 2x2 grid
+    from scipy.ndimage import zoom
+
+    grid = zoom(old[:, 1:].reshape(1, 2, 2, -1), (1, 2, 2, 1), order=1)
+    np.testing.assert_allclose(new[:, 1:], grid.reshape(1, 16, -1),
+                               atol=1e-6)
     assert new.shape == (1, 17, 16)
     np.testing.assert_array_equal(new[:, :1], old[:, :1])  # class token
     out = loaded(np.zeros((2, 32, 32, 3), "float32"))
