@@ -1,6 +1,6 @@
-"""Atomic writes of files and directories, and JSON-safe values, shared by
-reports, plots, presets and exports: a crash never leaves a half-written
-file or directory behind."""
+"""Atomic writes of files and directories, JSON-safe values and the cache
+folder, shared by reports, plots, presets, conversions and exports: a crash
+never leaves a half-written file or directory behind."""
 
 import contextlib
 import json
@@ -10,6 +10,36 @@ import shutil
 import tempfile
 
 import numpy as np
+
+
+def cache_root(cache_dir=None):
+    """The keras-e3 cache folder: the one rule every download and converted
+    preset follows.
+
+    Args:
+        cache_dir: an explicit folder (`~` expanded), which wins.
+
+    Returns:
+        `cache_dir`, else `$KERAS_E3_CACHE`, else `$KERAS_HOME/keras_e3`
+        (`~/.keras/keras_e3` when `KERAS_HOME` is unset), as a string.
+
+    Example:
+
+    ```python
+    import os
+    from keras_e3.io_utils import cache_root
+
+    os.environ["KERAS_E3_CACHE"] = "/tmp/e3cache"
+    assert cache_root() == "/tmp/e3cache"
+    assert cache_root("/data/cache") == "/data/cache"
+    ```
+    """
+    if cache_dir is not None:
+        return os.path.expanduser(os.fspath(cache_dir))
+    if os.environ.get("KERAS_E3_CACHE"):
+        return os.path.expanduser(os.environ["KERAS_E3_CACHE"])
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")
+    return os.path.join(os.path.expanduser(keras_home), "keras_e3")
 
 
 def default_permissions(path, directory=False):

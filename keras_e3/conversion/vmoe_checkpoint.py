@@ -51,6 +51,8 @@ import uuid
 import msgpack
 import numpy as np
 
+from keras_e3 import io_utils
+
 __all__ = ["VmoeCheckpointError", "read_vmoe_checkpoint", "is_remote",
            "checkpoint_url"]
 
@@ -467,12 +469,7 @@ def download_file(url, directory, fname):
 
 
 def _cache_root(cache_dir):
-    if cache_dir is not None:
-        return os.path.expanduser(os.fspath(cache_dir))
-    if os.environ.get("KERAS_E3_CACHE"):
-        return os.path.expanduser(os.environ["KERAS_E3_CACHE"])
-    keras_home = os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")
-    return os.path.join(os.path.expanduser(keras_home), "keras_e3")
+    return io_utils.cache_root(cache_dir)
 
 
 def _download(url, directory, fname):

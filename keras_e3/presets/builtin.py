@@ -7,7 +7,7 @@ A card is a JSON file with at least `name`, `description` and `kind`:
   - "vmoe_checkpoint": official weights at `checkpoint` (a gs:// or https://
     prefix of vmoe's native format) for the official model config
     `vmoe_config`; converted on first use and cached as a normal preset
-    under `$KERAS_E3_CACHE/presets` (default ~/.keras/keras_e3/presets).
+    under `$KERAS_E3_CACHE/presets` (default $KERAS_HOME/keras_e3/presets).
   - "vit_checkpoint": a dense ViT's published `.npz` at `checkpoint`
     (vit_jax / big_vision; e.g. the AugReg checkpoints), converted on first
     use by `keras_e3.presets.vit_checkpoints` (vit_jax's evaluation
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import keras
 
+from keras_e3.io_utils import cache_root
 from keras_e3.presets import files as preset_io
 from keras_e3.presets.files import PresetError
 
@@ -86,8 +87,9 @@ def preset_metadata(name):
 
 
 def cache_dir():
-    return Path(os.path.expanduser(os.environ.get(
-        "KERAS_E3_CACHE", Path.home() / ".keras" / "keras_e3")))
+    """The cache folder (`keras_e3.io_utils.cache_root`: $KERAS_E3_CACHE,
+    else $KERAS_HOME/keras_e3) as a `Path`."""
+    return Path(cache_root())
 
 
 def architecture(card):
