@@ -21,6 +21,24 @@ def device_mesh(batch=None, expert=None, devices=None):
 
     Give either size (the other is inferred from the number of devices) or
     both; by default every device is on the expert axis.
+
+    Args:
+        batch: size of the "batch" axis (None: inferred).
+        expert: size of the "expert" axis (None: inferred).
+        devices: the devices to use (default: every device,
+            `keras.distribution.list_devices()`).
+
+    Returns:
+        A `keras.distribution.DeviceMesh` of shape (batch, expert).
+
+    Example:
+    ```python
+    # Backend: jax
+    from keras_e3 import distribution
+
+    mesh = distribution.device_mesh(batch=1)  # every device on "expert"
+    mesh.axis_names, mesh.shape
+    ```
     """
     devices = list(kd.list_devices() if devices is None else devices)
     count = len(devices)
@@ -47,6 +65,21 @@ def expert_layout_map(mesh):
     Expert kernels and biases are split on their leading (expert) axis; the
     expert buffers (the experts layer's output [E, G*C, H]) along "expert"
     and their token rows along "batch". Unlisted variables are replicated.
+
+    Args:
+        mesh: a ("batch", "expert") `DeviceMesh` (`device_mesh`).
+
+    Returns:
+        A `keras.distribution.LayoutMap`.
+
+    Example:
+    ```python
+    # Backend: jax
+    from keras_e3 import distribution
+
+    layout_map = distribution.expert_layout_map(distribution.device_mesh())
+    layout_map["encoderblock_1/moe/experts/kernel_0"].axes  # ("expert", None, None)
+    ```
     """
     layout_map = kd.LayoutMap(mesh)
     for name, rank in _EXPERT_WEIGHTS.items():
@@ -57,7 +90,37 @@ def expert_layout_map(mesh):
 
 def expert_parallel(batch=None, expert=None, devices=None):
     """`ModelParallel` over a ("batch", "expert") mesh: experts sharded,
-    batch split. Use as `with expert_parallel(...).scope(): build model`."""
+    batch split. Use as `with expert_parallel(...).scope(): build model`.
+    JAX backend only.
+
+    Args:
+        batch: size of the "batch" axis (None: inferred).
+        expert: size of the "expert" axis (None: inferred; E must be a
+            multiple of it).
+        devices: the devices to use (default: every device).
+
+    Returns:
+        A `keras.distribution.ModelParallel`.
+
+    Example:
+    ```python
+    # Backend: jax
+    import numpy as np
+
+    from keras_e3 import distribution
+
+    with distribution.expert_parallel(batch=1).scope():
+        import keras_e3
+
+        backbone = keras_e3.E3ViTBackbone(
+            image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
+            mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
+            ensemble_size=2, group_size=10)
+        model = keras_e3.E3ViT(backbone, num_classes=3,
+                               preprocessor=keras_e3.ImageConverter(image_size=16))
+        model.predict(np.zeros((2, 16, 16, 3), np.uint8), verbose=0).shape
+    ```
+    """
     _require_jax("expert_parallel")
     mesh = device_mesh(batch, expert, devices)
     return kd.ModelParallel(layout_map=expert_layout_map(mesh),
@@ -65,14 +128,51 @@ def expert_parallel(batch=None, expert=None, devices=None):
 
 
 def data_parallel(devices=None):
-    """`DataParallel`: the model replicated, the batch split over devices."""
+    """`DataParallel`: the model replicated, the batch split over devices.
+    JAX backend only.
+
+    Args:
+        devices: the devices to use (default: every device).
+
+    Returns:
+        A `keras.distribution.DataParallel`.
+
+    Example:
+    ```python
+    # Backend: jax
+    from keras_e3 import distribution
+
+    dist = distribution.data_parallel()
+    with dist.scope():
+        pass  # build and compile the model here, then fit as usual
+    ```
+    """
     _require_jax("data_parallel")
     return kd.DataParallel(devices=devices)  # None: every device
 
 
 def tf_data_parallel(devices=None):
     """`tf.distribute.MirroredStrategy` for the TensorFlow backend: build
-    and compile the model inside `strategy.scope()`, then `fit` as usual."""
+    and compile the model inside `strategy.scope()`, then `fit` as usual.
+
+    Args:
+        devices: the devices to mirror on (default: every visible GPU, else
+            the CPU).
+
+    Returns:
+        A `tf.distribute.MirroredStrategy`.
+
+    Example:
+    ```python
+    # Backend: tensorflow
+    from keras_e3 import distribution
+
+    strategy = distribution.tf_data_parallel()
+    with strategy.scope():
+        pass  # build and compile the model here, then fit as usual
+    strategy.num_replicas_in_sync
+    ```
+    """
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("tf_data_parallel needs KERAS_BACKEND=tensorflow; "
                            f"the backend is {keras.backend.backend()!r}.")
@@ -83,7 +183,33 @@ def tf_data_parallel(devices=None):
 
 def variable_shardings(model):
     """{variable path: sharding spec} of a model built under a distribution
-    (a tuple of mesh axis names or None per dimension; JAX only)."""
+    (a tuple of mesh axis names or None per dimension; JAX only).
+
+    Args:
+        model: a built Keras model.
+
+    Returns:
+        A dict from each variable's path to its sharding spec (None where
+        the variable has none).
+
+    Example:
+    ```python
+    # Backend: jax
+    from keras_e3 import distribution
+
+    with distribution.expert_parallel(batch=1).scope():
+        import keras_e3
+
+        backbone = keras_e3.E3ViTBackbone(
+            image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
+            mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
+            ensemble_size=2, group_size=10)
+        model = keras_e3.E3ViT(backbone, num_classes=3,
+                               preprocessor=keras_e3.ImageConverter(image_size=16))
+    specs = distribution.variable_shardings(model)
+    specs["encoderblock_1/moe/experts/kernel_0"]  # ("expert", None, None)
+    ```
+    """
     specs = {}
     for variable in model.variables:
         sharding = getattr(variable.value, "sharding", None)
@@ -105,7 +231,32 @@ def _require_jax(what):
 def parameter_bytes_per_device(model, distribution=None):
     """Bytes of weights each device holds under `distribution` (default:
     the active one), from the layouts alone: works on an abstract model
-    (`E3ViT.abstract_from_preset`) to plan a mesh before building it."""
+    (`E3ViT.abstract_from_preset`) to plan a mesh before building it.
+
+    Args:
+        model: a Keras model (built, or abstract).
+        distribution: a `keras.distribution.Distribution` (default: the
+            active one; none: every weight whole).
+
+    Returns:
+        The number of bytes, an int.
+
+    Example:
+    ```python
+    import keras_e3
+
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
+        mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
+        ensemble_size=2, group_size=10)
+    model = keras_e3.E3ViT(backbone, num_classes=3,
+                           preprocessor=keras_e3.ImageConverter(image_size=16))
+
+    from keras_e3 import distribution
+
+    distribution.parameter_bytes_per_device(model)  # 4 bytes per fp32 weight
+    ```
+    """
     distribution = distribution or kd.distribution()
     total = 0
     for variable in model.weights:

@@ -26,7 +26,23 @@ BINNINGS = ("equal_width", "equal_mass")
 
 
 def softmax(logits, axis=-1):
-    """Numerically stable softmax of `logits` along `axis`, as float64."""
+    """Numerically stable softmax of `logits` along `axis`, as float64.
+
+    Args:
+        logits: array-like of logits.
+        axis: the class axis.
+
+    Returns:
+        float64 NumPy probabilities of the same shape (summing to 1 along
+        `axis`).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    metrics.softmax(np.array([[0.0, np.log(3.0)]]))  # [[0.25, 0.75]]
+    ```
+    """
     logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - np.max(logits, axis=axis, keepdims=True)
     exp = np.exp(shifted)
@@ -57,20 +73,75 @@ def _check(probs, labels):
 
 
 def accuracy(probs, labels):
-    """Fraction of examples whose argmax class is the label."""
+    """Fraction of examples whose argmax class is the label.
+
+    Args:
+        probs: probabilities [N, C].
+        labels: integer labels [N].
+
+    Returns:
+        The accuracy, a float in [0, 1].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1])
+    metrics.accuracy(probs, labels)  # 2/3
+    ```
+    """
     probs, labels = _check(probs, labels)
     return float(np.mean(np.argmax(probs, axis=-1) == labels))
 
 
 def nll(probs, labels, eps=1e-12):
-    """Mean of -log p[label]; p is clipped to [eps, 1] to avoid log 0."""
+    """Mean of -log p[label]; p is clipped to [eps, 1] to avoid log 0.
+
+    Args:
+        probs: probabilities [N, C].
+        labels: integer labels [N].
+        eps: the smallest probability taken.
+
+    Returns:
+        The mean negative log-likelihood, a float.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1])
+    metrics.nll(probs, labels)  # -(log 0.9 + log 0.7 + log 0.4) / 3
+    ```
+    """
     probs, labels = _check(probs, labels)
     p = probs[np.arange(len(labels)), labels].astype(np.float64)
     return float(-np.mean(np.log(np.clip(p, eps, 1.0))))
 
 
 def brier(probs, labels):
-    """Mean over examples of sum_c (p_c - onehot_c)^2 (range [0, 2])."""
+    """Mean over examples of sum_c (p_c - onehot_c)^2 (range [0, 2]).
+
+    Args:
+        probs: probabilities [N, C].
+        labels: integer labels [N].
+
+    Returns:
+        The Brier score, a float.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1])
+    metrics.brier(probs, labels)
+    ```
+    """
     probs, labels = _check(probs, labels)
     onehot = np.eye(probs.shape[1])[labels]
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=-1)))
@@ -91,10 +162,28 @@ def _inner_edges(confidence, num_bins, binning):
 def reliability(probs, labels, num_bins=15, binning="equal_width"):
     """Per-bin statistics for reliability diagrams.
 
-    Returns a dict of numpy arrays: "confidence" and "accuracy" (mean
-    confidence and accuracy per bin, NaN for empty bins), "count" (examples
-    per bin, int) and "edges" [num_bins + 1] (the bin edges, first 0 and
-    last 1; see the module docstring for the (lo, hi] convention).
+    Args:
+        probs: probabilities [N, C].
+        labels: integer labels [N].
+        num_bins: number of confidence bins.
+        binning: "equal_width" or "equal_mass" (as `ece`).
+
+    Returns:
+        A dict of NumPy arrays: "confidence" and "accuracy" (mean confidence
+        and accuracy per bin, NaN for empty bins), "count" (examples per
+        bin, int) and "edges" [num_bins + 1] (the bin edges, first 0 and
+        last 1; see the module docstring for the (lo, hi] convention).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1])
+    bins = metrics.reliability(probs, labels, num_bins=5)
+    bins["count"]  # [0, 0, 1, 1, 1]
+    ```
     """
     probs, labels = _check(probs, labels)
     num_bins = int(num_bins)
@@ -118,7 +207,28 @@ def reliability(probs, labels, num_bins=15, binning="equal_width"):
 
 
 def ece(probs, labels, num_bins=15, binning="equal_width"):
-    """Top-label expected calibration error (see the module docstring)."""
+    """Top-label expected calibration error (see the module docstring).
+
+    Args:
+        probs: probabilities [N, C].
+        labels: integer labels [N].
+        num_bins: number of confidence bins.
+        binning: "equal_width" or "equal_mass".
+
+    Returns:
+        The ECE, a float in [0, 1].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1])
+    metrics.ece(probs, labels, num_bins=2)
+    metrics.ece(probs, labels, num_bins=2, binning="equal_mass")
+    ```
+    """
     stats = reliability(probs, labels, num_bins, binning)
     count = stats["count"]
     full = count > 0

@@ -32,7 +32,25 @@ def _members(member_probs):
 
 
 def ensemble_probs(member_probs):
-    """Mean over members: [N, M, C] -> [N, C]."""
+    """Mean over members: [N, M, C] -> [N, C].
+
+    Args:
+        member_probs: member probabilities [N, M, C].
+
+    Returns:
+        The ensemble's probabilities [N, C].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # 2 images, 2 members, 3 classes.
+    member_probs = np.array([[[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]],
+                             [[0.2, 0.7, 0.1], [0.1, 0.2, 0.7]]])
+    metrics.ensemble_probs(member_probs)  # [[0.7, 0.2, 0.1], ...]
+    ```
+    """
     return np.mean(_members(member_probs), axis=1)
 
 
@@ -40,6 +58,23 @@ def member_disagreement(member_probs):
     """Fraction of member pairs with different argmax, averaged over N.
 
     0.0 for a single member.
+
+    Args:
+        member_probs: member probabilities [N, M, C].
+
+    Returns:
+        The disagreement, a float in [0, 1].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # 2 images, 2 members, 3 classes.
+    member_probs = np.array([[[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]],
+                             [[0.2, 0.7, 0.1], [0.1, 0.2, 0.7]]])
+    metrics.member_disagreement(member_probs)  # 0.5
+    ```
     """
     member_probs = _members(member_probs)
     preds = np.argmax(member_probs, axis=-1)  # [N, M]
@@ -51,7 +86,26 @@ def member_disagreement(member_probs):
 
 
 def normalized_disagreement(member_probs, labels):
-    """member_disagreement / (1 - accuracy of the ensemble); NaN if 0/0."""
+    """member_disagreement / (1 - accuracy of the ensemble); NaN if 0/0.
+
+    Args:
+        member_probs: member probabilities [N, M, C].
+        labels: integer labels [N].
+
+    Returns:
+        The normalised disagreement, a float.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # 2 images, 2 members, 3 classes.
+    member_probs = np.array([[[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]],
+                             [[0.2, 0.7, 0.1], [0.1, 0.2, 0.7]]])
+    metrics.normalized_disagreement(member_probs, np.array([0, 2]))
+    ```
+    """
     error = 1.0 - calibration.accuracy(ensemble_probs(member_probs), labels)
     disagreement = member_disagreement(member_probs)
     if error == 0.0:
@@ -60,7 +114,26 @@ def normalized_disagreement(member_probs, labels):
 
 
 def average_pairwise_kl(member_probs, eps=1e-12):
-    """Mean of KL(p_m || p_m') over ordered member pairs m != m' and N."""
+    """Mean of KL(p_m || p_m') over ordered member pairs m != m' and N.
+
+    Args:
+        member_probs: member probabilities [N, M, C].
+        eps: probabilities are clipped to [eps, 1] before the logs.
+
+    Returns:
+        The mean KL divergence, a float (0 for identical members).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # 2 images, 2 members, 3 classes.
+    member_probs = np.array([[[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]],
+                             [[0.2, 0.7, 0.1], [0.1, 0.2, 0.7]]])
+    metrics.average_pairwise_kl(member_probs)
+    ```
+    """
     p = np.clip(_members(member_probs), eps, 1.0)
     num_members = p.shape[1]
     if num_members < 2:
@@ -74,8 +147,28 @@ def average_pairwise_kl(member_probs, eps=1e-12):
 
 
 def diversity(member_probs, labels=None):
-    """Dict with "disagreement", "average_kl" and, given labels,
-    "normalized_disagreement"."""
+    """The members' diversity: disagreement and average pairwise KL.
+
+    Args:
+        member_probs: member probabilities [N, M, C].
+        labels: integer labels [N], for "normalized_disagreement" (None:
+            left out).
+
+    Returns:
+        A dict with "disagreement", "average_kl" and, given labels,
+        "normalized_disagreement".
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # 2 images, 2 members, 3 classes.
+    member_probs = np.array([[[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]],
+                             [[0.2, 0.7, 0.1], [0.1, 0.2, 0.7]]])
+    metrics.diversity(member_probs, labels=np.array([0, 1]))
+    ```
+    """
     out = {"disagreement": member_disagreement(member_probs),
            "average_kl": average_pairwise_kl(member_probs)}
     if labels is not None:
@@ -87,13 +180,30 @@ def diversity(member_probs, labels=None):
 def evaluate_predictions(logits, labels, num_bins=15, binning="equal_width"):
     """Accuracy, NLL, ECE and Brier of the ensemble and of every member.
 
-    `logits` is member logits [N, M, C] or single-model logits [N, C]
-    (treated as M = 1); `labels` is [N]. Returns a flat dict of floats:
-    "ensemble/{accuracy,nll,ece,brier}", "member_{m}/{...}" for every member
-    m, and, when M > 1, "disagreement", "normalized_disagreement" and
-    "average_kl" (see `diversity`). NLLs are computed in log space (exact
-    even for probabilities that underflow), ensemble NLL from
-    log(mean_m softmax(logits_m)).
+    NLLs are computed in log space (exact even for probabilities that
+    underflow), the ensemble's NLL from log(mean_m softmax(logits_m)).
+
+    Args:
+        logits: member logits [N, M, C], or single-model logits [N, C]
+            (treated as M = 1).
+        labels: integer labels [N].
+        num_bins: ECE bins.
+        binning: "equal_width" or "equal_mass" (as `ece`).
+
+    Returns:
+        A flat dict of floats: "ensemble/{accuracy,nll,ece,brier}",
+        "member_{m}/{...}" for every member m, and, when M > 1,
+        "disagreement", "normalized_disagreement" and "average_kl" (see
+        `diversity`).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    logits = np.random.default_rng(0).normal(size=(8, 2, 3))
+    report = metrics.evaluate_predictions(logits, np.arange(8) % 3)
+    report["ensemble/accuracy"], report["member_1/nll"], report["disagreement"]
+    ```
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim == 2:

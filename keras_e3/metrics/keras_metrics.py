@@ -92,7 +92,31 @@ class _PerExampleMean(keras.metrics.Mean):
 
 @keras.saving.register_keras_serializable(package="keras_e3")
 class EnsembleAccuracy(_PerExampleMean):
-    """Top-1 accuracy of the ensemble prediction (or of member `member`)."""
+    """Top-1 accuracy of the ensemble prediction (or of member `member`).
+
+    `update_state(y_true, y_pred)` takes integer labels [B] and logits
+    [B, M, C] (or [B, C]); `result()` is the running mean.
+
+    Args:
+        member: None for the ensemble, or a member's index (0 for
+            [B, C] outputs).
+        name: the metric's name (default: derived from the member).
+        dtype: the metric's dtype.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # Member logits [B, M, C] of 2 images, 2 members, 3 classes.
+    logits = np.array([[[2.0, 0.0, 0.0], [1.0, 2.0, 0.0]],
+                       [[0.0, 0.0, 3.0], [0.0, 1.0, 2.0]]])
+    labels = np.array([0, 2])
+    metric = metrics.EnsembleAccuracy()
+    metric.update_state(labels, logits)
+    float(metric.result())  # 1.0
+    ```
+    """
 
     what = "accuracy"
 
@@ -103,7 +127,30 @@ class EnsembleAccuracy(_PerExampleMean):
 
 @keras.saving.register_keras_serializable(package="keras_e3")
 class MemberAccuracy(EnsembleAccuracy):
-    """Top-1 accuracy of ensemble member `member` (0 for [B, C] outputs)."""
+    """Top-1 accuracy of ensemble member `member` (0 for [B, C] outputs).
+
+    `update_state(y_true, y_pred)` takes integer labels [B] and logits
+    [B, M, C] (or [B, C]).
+
+    Args:
+        member: the member's index.
+        name: the metric's name (default: derived from the member).
+        dtype: the metric's dtype.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # Member logits [B, M, C] of 2 images, 2 members, 3 classes.
+    logits = np.array([[[2.0, 0.0, 0.0], [1.0, 2.0, 0.0]],
+                       [[0.0, 0.0, 3.0], [0.0, 1.0, 2.0]]])
+    labels = np.array([0, 2])
+    metric = metrics.MemberAccuracy(member=1)
+    metric.update_state(labels, logits)
+    float(metric.result())  # 0.5
+    ```
+    """
 
     def __init__(self, member=0, name=None, dtype=None):
         super().__init__(member=member, name=name, dtype=dtype)
@@ -111,7 +158,31 @@ class MemberAccuracy(EnsembleAccuracy):
 
 @keras.saving.register_keras_serializable(package="keras_e3")
 class EnsembleNLL(_PerExampleMean):
-    """Mean -log p(label) of the ensemble (or of member `member`)."""
+    """Mean -log p(label) of the ensemble (or of member `member`).
+
+    `update_state(y_true, y_pred)` takes integer labels [B] and logits
+    [B, M, C] (or [B, C]).
+
+    Args:
+        member: None for the ensemble, or a member's index (0 for
+            [B, C] outputs).
+        name: the metric's name (default: derived from the member).
+        dtype: the metric's dtype.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # Member logits [B, M, C] of 2 images, 2 members, 3 classes.
+    logits = np.array([[[2.0, 0.0, 0.0], [1.0, 2.0, 0.0]],
+                       [[0.0, 0.0, 3.0], [0.0, 1.0, 2.0]]])
+    labels = np.array([0, 2])
+    metric = metrics.EnsembleNLL()
+    metric.update_state(labels, logits)
+    float(metric.result())
+    ```
+    """
 
     what = "nll"
 
@@ -125,7 +196,31 @@ class EnsembleNLL(_PerExampleMean):
 
 @keras.saving.register_keras_serializable(package="keras_e3")
 class EnsembleBrier(_PerExampleMean):
-    """Mean sum_c (p_c - onehot_c)^2 of the ensemble (or of a member)."""
+    """Mean sum_c (p_c - onehot_c)^2 of the ensemble (or of a member).
+
+    `update_state(y_true, y_pred)` takes integer labels [B] and logits
+    [B, M, C] (or [B, C]).
+
+    Args:
+        member: None for the ensemble, or a member's index (0 for
+            [B, C] outputs).
+        name: the metric's name (default: derived from the member).
+        dtype: the metric's dtype.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # Member logits [B, M, C] of 2 images, 2 members, 3 classes.
+    logits = np.array([[[2.0, 0.0, 0.0], [1.0, 2.0, 0.0]],
+                       [[0.0, 0.0, 3.0], [0.0, 1.0, 2.0]]])
+    labels = np.array([0, 2])
+    metric = metrics.EnsembleBrier(member=0)
+    metric.update_state(labels, logits)
+    float(metric.result())
+    ```
+    """
 
     what = "brier"
 
@@ -140,7 +235,26 @@ class EnsembleBrier(_PerExampleMean):
 @keras.saving.register_keras_serializable(package="keras_e3")
 class MemberDisagreement(keras.metrics.Mean):
     """Fraction of member pairs whose argmax differ, averaged over examples
-    (`keras_e3.metrics.member_disagreement`); 0 for [B, C] outputs."""
+    (`keras_e3.metrics.member_disagreement`); 0 for [B, C] outputs.
+
+    Args:
+        name: the metric's name.
+        dtype: the metric's dtype.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # Member logits [B, M, C] of 2 images, 2 members, 3 classes.
+    logits = np.array([[[2.0, 0.0, 0.0], [1.0, 2.0, 0.0]],
+                       [[0.0, 0.0, 3.0], [0.0, 1.0, 2.0]]])
+    labels = np.array([0, 2])
+    metric = metrics.MemberDisagreement()
+    metric.update_state(labels, logits)
+    float(metric.result())  # 0.5
+    ```
+    """
 
     def __init__(self, name="disagreement", dtype=None):
         super().__init__(name=name, dtype=dtype)
@@ -171,6 +285,27 @@ class ECE(keras.metrics.Metric):
     per-bin (weighted) counts, confidence sums and correct sums; the result
     is sum_b |correct_b - confidence_b| / sum_b count_b. Equal-mass bins
     need every confidence at once: use `keras_e3.metrics.ece` for them.
+
+    Args:
+        num_bins: number of equal-width bins.
+        member: None for the ensemble, or a member's index (0 for
+            [B, C] outputs).
+        name: the metric's name (default: derived from the member).
+        dtype: the metric's dtype.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # Member logits [B, M, C] of 2 images, 2 members, 3 classes.
+    logits = np.array([[[2.0, 0.0, 0.0], [1.0, 2.0, 0.0]],
+                       [[0.0, 0.0, 3.0], [0.0, 1.0, 2.0]]])
+    labels = np.array([0, 2])
+    metric = metrics.ECE(num_bins=10)
+    metric.update_state(labels, logits)
+    float(metric.result())
+    ```
     """
 
     def __init__(self, num_bins=15, member=None, name=None, dtype=None):
@@ -228,7 +363,21 @@ def ensemble_metrics(ensemble_size, num_bins=15):
     """Every Keras metric for `compile(metrics=...)`: accuracy, NLL, Brier
     and ECE of the ensemble and of each of the `ensemble_size` members,
     plus member disagreement when `ensemble_size` > 1. Logged as
-    `ensemble_accuracy`, `ece`, `member_0_nll`, ..., `disagreement`."""
+    `ensemble_accuracy`, `ece`, `member_0_nll`, ..., `disagreement`.
+
+    Args:
+        ensemble_size: the number of members M.
+        num_bins: ECE bins.
+
+    Returns:
+        A list of Keras metrics.
+
+    Example:
+    ```python
+    from keras_e3 import metrics
+    [m.name for m in metrics.ensemble_metrics(2)]
+    ```
+    """
     ensemble_size = int(ensemble_size)
     if ensemble_size < 1:
         raise ValueError(f"ensemble_size must be >= 1; got {ensemble_size}")

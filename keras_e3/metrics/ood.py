@@ -28,17 +28,60 @@ def _entropy(probs):
 
 
 def msp_score(probs):
-    """Negative maximum softmax probability."""
+    """Negative maximum softmax probability (higher: more likely OOD).
+
+    Args:
+        probs: (ensemble) probabilities [N, C].
+
+    Returns:
+        Scores [N].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    metrics.msp_score(np.array([[0.9, 0.1], [0.5, 0.5]]))  # [-0.9, -0.5]
+    ```
+    """
     return -np.max(_probs(probs), axis=-1)
 
 
 def entropy_score(probs):
-    """Predictive entropy of the (ensemble) prediction."""
+    """Predictive entropy of the (ensemble) prediction (higher: more likely
+    OOD).
+
+    Args:
+        probs: (ensemble) probabilities [N, C].
+
+    Returns:
+        Entropies [N] in nats.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    metrics.entropy_score(np.array([[1.0, 0.0], [0.5, 0.5]]))  # [0, log 2]
+    ```
+    """
     return _entropy(_probs(probs))
 
 
 def max_logit_score(logits):
-    """Negative maximum logit; `logits` is [N, C]."""
+    """Negative maximum logit (higher: more likely OOD).
+
+    Args:
+        logits: logits [N, C].
+
+    Returns:
+        Scores [N].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    metrics.max_logit_score(np.array([[3.0, 1.0], [0.5, 0.2]]))  # [-3.0, -0.5]
+    ```
+    """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2:
         raise ValueError(f"logits must be [N, C], got shape {logits.shape}")
@@ -46,7 +89,26 @@ def max_logit_score(logits):
 
 
 def mutual_information_score(member_probs):
-    """Entropy of the mean prediction minus the members' mean entropy."""
+    """Entropy of the mean prediction minus the members' mean entropy (the
+    members' disagreement; higher: more likely OOD).
+
+    Args:
+        member_probs: member probabilities [N, M, C].
+
+    Returns:
+        Scores [N] in nats (0 where all members agree exactly).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+
+    # 2 images, 2 members, 3 classes.
+    member_probs = np.array([[[0.8, 0.1, 0.1], [0.6, 0.3, 0.1]],
+                             [[0.2, 0.7, 0.1], [0.1, 0.2, 0.7]]])
+    metrics.mutual_information_score(member_probs)
+    ```
+    """
     member_probs = np.asarray(member_probs, dtype=np.float64)
     if member_probs.ndim != 3:
         raise ValueError("member_probs must be [N, M, C], got shape "
@@ -66,7 +128,23 @@ def _scores(in_scores, out_scores):
 
 
 def auroc(in_scores, out_scores):
-    """Area under the ROC curve = P(out > in) + P(out == in) / 2."""
+    """Area under the ROC curve = P(out > in) + P(out == in) / 2, with OOD
+    examples positive.
+
+    Args:
+        in_scores: scores [N_in] of in-distribution examples.
+        out_scores: scores [N_out] of OOD examples.
+
+    Returns:
+        The AUROC, a float in [0, 1].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    metrics.auroc(np.array([0.1, 0.2, 0.6]), np.array([0.5, 0.9]))  # 5/6
+    ```
+    """
     in_scores, out_scores = _scores(in_scores, out_scores)
     scores = np.concatenate([in_scores, out_scores])
     # Mann-Whitney U with average ranks for ties.
@@ -96,7 +174,22 @@ def _curve(in_scores, out_scores):
 def aupr(in_scores, out_scores):
     """Average precision with OOD positive (sklearn's
     `average_precision_score`): sum_k (R_k - R_{k-1}) P_k over the distinct
-    thresholds, without interpolation."""
+    thresholds, without interpolation.
+
+    Args:
+        in_scores: scores [N_in] of in-distribution examples.
+        out_scores: scores [N_out] of OOD examples.
+
+    Returns:
+        The AUPR, a float in [0, 1].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    metrics.aupr(np.array([0.1, 0.2, 0.6]), np.array([0.5, 0.9]))
+    ```
+    """
     in_scores, out_scores = _scores(in_scores, out_scores)
     tps, fps = _curve(in_scores, out_scores)
     precision = tps / (tps + fps)
@@ -111,6 +204,21 @@ def fpr_at_95_tpr(in_scores, out_scores, tpr=0.95):
     which at least a fraction `tpr` of OOD examples is flagged, and the
     result is the fraction of in-distribution examples flagged at t (the
     first point of sklearn's `roc_curve` with TPR >= `tpr`).
+
+    Args:
+        in_scores: scores [N_in] of in-distribution examples.
+        out_scores: scores [N_out] of OOD examples.
+        tpr: the true-positive rate to reach.
+
+    Returns:
+        The false-positive rate, a float in [0, 1].
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3 import metrics
+    metrics.fpr_at_95_tpr(np.array([0.1, 0.2, 0.6]), np.array([0.5, 0.9]))  # 1/3
+    ```
     """
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
