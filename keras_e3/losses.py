@@ -41,7 +41,28 @@ class _EnsembleLoss(keras.losses.Loss):
 @keras.saving.register_keras_serializable(package="keras_e3")
 class EnsembleSoftmaxCrossEntropy(_EnsembleLoss):
     """Each member's softmax cross-entropy on the shared label, averaged:
-    vmoe's `ensemble_softmax_xent_train` (the paper's objective)."""
+    vmoe's `ensemble_softmax_xent_train` (the paper's objective).
+
+    `y_pred` is member logits [B, M, C] (or [B, C]); `y_true` integer labels
+    [B] (`sparse=True`) or one-hot / soft labels [B, C].
+
+    Args:
+        sparse: whether the labels are integers.
+        label_smoothing: label smoothing of the one-hot targets.
+        name: the loss's name.
+        **kwargs: Keras' `Loss` arguments (e.g. `reduction`).
+
+    Example:
+    ```python
+    import numpy as np
+
+    import keras_e3
+
+    loss = keras_e3.EnsembleSoftmaxCrossEntropy()
+    logits = np.zeros((2, 3, 4), np.float32)  # 2 images, 3 members, 4 classes
+    float(loss(np.array([0, 3]), logits))  # log(4)
+    ```
+    """
 
     def __init__(self, sparse=True, label_smoothing=0.0,
                  name="ensemble_softmax_cross_entropy", **kwargs):
@@ -55,7 +76,28 @@ class EnsembleSoftmaxCrossEntropy(_EnsembleLoss):
 class EnsembleSigmoidCrossEntropy(_EnsembleLoss):
     """Each member's sigmoid cross-entropy summed over classes, averaged
     over members: vmoe's `sigmoid_xent` (used to pre-train V-MoE on
-    ILSVRC2012 and ImageNet-21k)."""
+    ILSVRC2012 and ImageNet-21k).
+
+    `y_pred` is member logits [B, M, C] (or [B, C]); `y_true` integer labels
+    [B] (`sparse=True`) or multi-hot / soft labels [B, C].
+
+    Args:
+        sparse: whether the labels are integers.
+        label_smoothing: label smoothing of the targets.
+        name: the loss's name.
+        **kwargs: Keras' `Loss` arguments (e.g. `reduction`).
+
+    Example:
+    ```python
+    import numpy as np
+
+    import keras_e3
+
+    loss = keras_e3.EnsembleSigmoidCrossEntropy()
+    logits = np.zeros((2, 3, 4), np.float32)
+    float(loss(np.array([0, 3]), logits))  # 4 log(2)
+    ```
+    """
 
     def __init__(self, sparse=True, label_smoothing=0.0,
                  name="ensemble_sigmoid_cross_entropy", **kwargs):

@@ -25,6 +25,19 @@ class Augmentation:
         layers: Keras preprocessing layers applied to the images.
         mix: a `keras.layers.MixUp` / `CutMix` (or None).
         num_classes: needed with `mix` (labels are one-hot encoded).
+
+    `augment(images, labels)` returns the augmented (images, labels).
+
+    Example:
+    ```python
+    import numpy as np
+
+    from keras_e3 import data
+
+    augment = data.make_augmentation(flip=True, seed=0)
+    images, labels = augment(np.zeros((2, 8, 8, 3), np.float32),
+                             np.array([0, 1]))
+    ```
     """
 
     def __init__(self, layers=(), mix=None, num_classes=None):
@@ -64,6 +77,22 @@ def make_augmentation(value_range=(-1.0, 1.0), flip=True, rand_augment=None,
         cutmix_factor: CutMix's factor (None: no CutMix). Not with MixUp.
         num_classes: required with MixUp / CutMix.
         seed: seed of every layer.
+
+    Returns:
+        An `Augmentation`.
+
+    Example:
+    ```python
+    import numpy as np
+
+    from keras_e3 import data
+
+    augment = data.make_augmentation(flip=True, mixup_alpha=0.2,
+                                     num_classes=3, seed=0)
+    images, labels = augment(np.zeros((2, 8, 8, 3), np.float32),
+                             np.array([0, 2]))
+    labels.shape  # (2, 3): MixUp mixes one-hot labels
+    ```
     """
     if mixup_alpha is not None and cutmix_factor is not None:
         raise ValueError("Use either mixup_alpha or cutmix_factor, not both.")

@@ -72,8 +72,12 @@ def corruption_names(subset="all"):
         A list of names, in that order.
 
     Example:
-    >>> len(corruption_names()), corruption_names("benchmark")[0]
-    (19, 'gaussian_noise')
+    ```python
+    from keras_e3 import data
+
+    len(data.corruption_names()), data.corruption_names("benchmark")[0]
+    # (19, "gaussian_noise")
+    ```
     """
     if subset == "all":
         return list(BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS)
@@ -121,10 +125,14 @@ def corrupt(images, name, severity, seed=None):
         uint8 images of the input's shape.
 
     Example:
-    >>> import numpy as np
-    >>> images = np.full((2, 40, 40, 3), 128, np.uint8)
-    >>> corrupt(images, "brightness", 3).shape
-    (2, 40, 40, 3)
+    ```python
+    import numpy as np
+
+    from keras_e3 import data
+
+    images = np.full((2, 40, 40, 3), 128, np.uint8)
+    data.corrupt(images, "brightness", 3, seed=0).shape  # (2, 40, 40, 3)
+    ```
     """
     check_corruption(name, severity)
     corrupt_one = _package_corrupt()

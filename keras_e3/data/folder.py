@@ -67,7 +67,27 @@ def load_images(paths, preprocessor):
         naming it.
 
     Example:
-    >>> x = load_images(["a.png", "b.jpg"], model.preprocessor)
+    ```python
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    # A folder photos/<class>/<image>, images of any size.
+    for name in ("cat", "dog"):
+        os.makedirs(os.path.join("photos", name), exist_ok=True)
+        for i in range(2):
+            Image.fromarray(np.full((20, 30, 3), 60 * i, np.uint8)).save(
+                os.path.join("photos", name, f"{i}.png"))
+
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
+    x = data.load_images(["photos/cat/0.png", "photos/dog/1.png"],
+                         model.preprocessor)
+    x.shape  # (2, 8, 8, 1): the model's input size and channels
+    ```
     """
     converter = as_converter(preprocessor, "load_images")
     paths = [os.fspath(p) for p in paths]
@@ -180,8 +200,26 @@ def load_image_folder(directory, preprocessor, class_names=None):
         (images float32 [N, H, W, C], labels int32 [N], class_names).
 
     Example:
-    >>> x, y, names = load_image_folder("photos/", model.preprocessor,
-    ...                                 class_names=model.class_names)
+    ```python
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    # A folder photos/<class>/<image>, images of any size.
+    for name in ("cat", "dog"):
+        os.makedirs(os.path.join("photos", name), exist_ok=True)
+        for i in range(2):
+            Image.fromarray(np.full((20, 30, 3), 60 * i, np.uint8)).save(
+                os.path.join("photos", name, f"{i}.png"))
+
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
+    x, y, names = data.load_image_folder("photos", model.preprocessor)
+    names, y  # ["cat", "dog"], [0, 0, 1, 1]
+    ```
     """
     converter = as_converter(preprocessor, "load_image_folder")
     paths, labels, names = index_image_folder(directory, class_names)
@@ -221,6 +259,17 @@ def load_dataset(spec, preprocessor, split="test", class_names=None):
     Returns:
         (images float32 [N, H, W, C] as the model takes them, labels int32
         [N], class names).
+
+    Example:
+    ```python
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
+    x, y, names = data.load_dataset("digits", model.preprocessor,
+                                    class_names=model.class_names)
+    x.shape[1:], len(names)  # (8, 8, 1), 10
+    ```
     """
     converter = as_converter(preprocessor, "load_dataset")
     if spec == "digits":
@@ -244,6 +293,14 @@ def load_raw_dataset(spec, split="test", class_names=None):
     Returns:
         (images: a uint8 array or a list of uint8 arrays, labels int32
         [N], class names).
+
+    Example:
+    ```python
+    from keras_e3 import data
+
+    images, labels, names = data.load_raw_dataset("digits", split="test")
+    images.dtype, images.shape[1:]  # uint8, (8, 8, 1)
+    ```
     """
     from keras_e3.preprocessing.image_converter import decode_image
 

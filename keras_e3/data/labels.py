@@ -73,6 +73,28 @@ def decode_predictions(preds, class_names, top=5):
     (e.g. `E3ViT.predict_ensemble`'s) are recognised, rows whose
     exponentials sum to 1, and exponentiated. `class_names`: a list of C
     names or a label set's name ("imagenet2012", "cifar100", "digits").
+
+    Args:
+        preds: probabilities [B, C] (or [C] for one image); log-probabilities
+            (e.g. `E3ViT.predict_ensemble`'s) are recognised, rows whose
+            exponentials sum to 1, and exponentiated.
+        class_names: a list of C names or a label set's name
+            ("imagenet2012", "cifar100", "digits").
+        top: classes per image.
+
+    Returns:
+        A list (one per image) of [(class_name, probability), ...].
+
+    Example:
+    ```python
+    import numpy as np
+
+    import keras_e3
+
+    probs = np.array([[0.1, 0.7, 0.2]])
+    keras_e3.decode_predictions(probs, ["cat", "dog", "fish"], top=2)
+    # [[("dog", 0.7), ("fish", 0.2)]]
+    ```
     """
     preds = np.asarray(preds, dtype=np.float64)
     if preds.ndim == 1:

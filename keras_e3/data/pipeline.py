@@ -99,6 +99,22 @@ class ArrayDataset(keras.utils.PyDataset):
     See `from_arrays`. The order of epoch e is the e-th permutation drawn
     from `np.random.default_rng(seed)`: the same for every run with that
     seed.
+
+    Args:
+        x, y, batch_size, shuffle, seed, preprocessor, augment,
+        drop_remainder, class_names, num_classes, **kwargs: as
+        `from_arrays`.
+
+    Example:
+    ```python
+    import numpy as np
+
+    from keras_e3 import data
+
+    ds = data.ArrayDataset(np.zeros((5, 8, 8, 1), np.float32), np.arange(5),
+                           batch_size=2)
+    len(ds), ds[2][0].shape  # 3, (1, 8, 8, 1)
+    ```
     """
 
     def __init__(self, x, y=None, batch_size=32, shuffle=False, seed=None,
@@ -218,10 +234,19 @@ def from_arrays(x, y=None, batch_size=32, shuffle=False, seed=None,
         An `ArrayDataset`.
 
     Example:
-    >>> model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
-    >>> ds = from_arrays(raw_uint8_images, labels, batch_size=32,
-    ...                  shuffle=True, seed=0, preprocessor=model)
-    >>> model.fit(ds, epochs=1)
+    ```python
+    import numpy as np
+
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
+    raw = np.random.default_rng(0).integers(0, 256, (6, 20, 20), np.uint8)
+    ds = data.from_arrays(raw, [0, 1, 2, 3, 4, 5], batch_size=4,
+                          shuffle=True, seed=0, preprocessor=model)
+    images, labels = ds[0]
+    images.shape  # (4, 8, 8, 1)
+    ```
     """
     return ArrayDataset(x, y, batch_size=batch_size, shuffle=shuffle,
                         seed=seed, preprocessor=preprocessor, augment=augment,
@@ -268,8 +293,27 @@ def from_directory(directory, preprocessor, batch_size=32, shuffle=True,
         shuffling) attributes.
 
     Example:
-    >>> ds = from_directory("photos/", model, batch_size=32, seed=0)
-    >>> model.evaluate(ds)
+    ```python
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    # A folder photos/<class>/<image>, images of any size.
+    for name in ("cat", "dog"):
+        os.makedirs(os.path.join("photos", name), exist_ok=True)
+        for i in range(2):
+            Image.fromarray(np.full((20, 30, 3), 60 * i, np.uint8)).save(
+                os.path.join("photos", name, f"{i}.png"))
+
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
+    ds = data.from_directory("photos", model.preprocessor, batch_size=2,
+                             seed=0)
+    ds.class_names  # ["cat", "dog"]
+    ```
     """
     tf = _import_tf("from_directory")
     converter = as_converter(preprocessor, "from_directory")
@@ -367,7 +411,18 @@ def from_tfds(name, split, preprocessor, data_dir=None, batch_size=32,
         The dataset.
 
     Example:
-    >>> ds = from_tfds("mnist", "test", model, data_dir="~/tfds")
+    ```python
+    import tensorflow_datasets as tfds
+
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
+    with tfds.testing.mock_data(num_examples=4):  # random data, no download
+        ds = data.from_tfds("mnist", "test", model, batch_size=2)
+        images, labels = next(iter(ds))
+    images.shape  # (2, 8, 8, 1)
+    ```
     """
     tf = _import_tf("from_tfds")
     try:

@@ -23,6 +23,19 @@ def sample_k_shot(labels, k, seed=0, classes=None):
     Raises:
         ValueError: if `k` exceeds the size of a class (named, with its
             count), or `labels` is not a 1-D integer array.
+
+    Returns:
+        int indices [k * number of classes], grouped by class.
+
+    Example:
+    ```python
+    import numpy as np
+
+    from keras_e3 import data
+
+    labels = np.array([0, 1, 0, 1, 0, 2, 2])
+    data.sample_k_shot(labels, k=2, seed=0)  # 2 indices of class 0, 1, 2
+    ```
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:

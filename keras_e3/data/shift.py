@@ -54,8 +54,11 @@ def class_subset(name):
         (tensorflow-datasets' order).
 
     Example:
-    >>> class_subset("imagenet_a")[:3]
-    array([ 6, 11, 13])
+    ```python
+    from keras_e3 import data
+
+    data.class_subset("imagenet_a")[:3]  # [6, 11, 13]
+    ```
     """
     from importlib import resources
 
@@ -115,6 +118,18 @@ def load_shift_dataset(name, data_dir=None, max_examples=None,
 
     Returns:
         (dataset, info): info is `shift_dataset_info(name)`.
+
+    Example:
+    ```python
+    import tensorflow_datasets as tfds
+
+    from keras_e3 import data
+
+    with tfds.testing.mock_data(num_examples=4):  # random data, no download
+        ds, info = data.load_shift_dataset("cifar10_1")
+        image, label = next(iter(ds))
+    image.shape, info["num_classes"]  # (32, 32, 3), 10
+    ```
     """
     info = shift_dataset_info(name)
     try:

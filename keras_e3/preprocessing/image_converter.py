@@ -85,10 +85,14 @@ class ImageConverter(keras.layers.Layer):
         value_range: (low, high) the model takes.
 
     Example:
-    >>> import numpy as np
-    >>> converter = ImageConverter(image_size=32, num_channels=3)
-    >>> converter(np.zeros((50, 40, 1), np.uint8)).shape
-    (1, 32, 32, 3)
+    ```python
+    import numpy as np
+
+    import keras_e3
+
+    converter = keras_e3.ImageConverter(image_size=32, num_channels=3)
+    converter(np.zeros((50, 40, 1), np.uint8)).shape  # (1, 32, 32, 3)
+    ```
     """
 
     def __init__(self, image_size=None, num_channels=3, smaller_side=None,
@@ -540,7 +544,21 @@ class ImageConverter(keras.layers.Layer):
 # ----------------------------------------------------------------------
 # vmoe process strings.
 def parse_process(process):
-    """[(op, args, kwargs)] of a vmoe process string "op(a, k=v)|op2"."""
+    """[(op, args, kwargs)] of a vmoe process string "op(a, k=v)|op2".
+
+    Args:
+        process: a vmoe preprocessing string.
+
+    Returns:
+        A list of (op name, positional args tuple, keyword args dict).
+
+    Example:
+    ```python
+    from keras_e3.preprocessing import parse_process
+
+    parse_process("decode|resize(224)|value_range(-1, 1)")
+    ```
+    """
     if not isinstance(process, str) or not process.strip():
         raise ValueError(f"A vmoe process must be a non-empty string; got "
                          f"{process!r}.")
@@ -627,7 +645,28 @@ def decode_image(source):
     """A file path or encoded bytes -> uint8 NumPy [H, W, C] (C = 1 for
     gray, 3 for RGB, 4 for RGBA; palette images expanded), decoded with
     Pillow, without colour management or EXIF rotation (as TensorFlow's
-    decoders)."""
+    decoders).
+
+    Args:
+        source: a path (str or path-like) or the encoded bytes.
+
+    Returns:
+        A uint8 NumPy array [H, W, C].
+
+    Example:
+    ```python
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from keras_e3.preprocessing import decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(buffer, "PNG")
+    decode_image(buffer.getvalue()).shape  # (4, 6, 3)
+    ```
+    """
     from PIL import Image
     from PIL import UnidentifiedImageError
 

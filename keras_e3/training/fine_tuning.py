@@ -26,20 +26,46 @@ def finetune(preset, data, out, shots=None, epochs=10, batch_size=32,
              warmup_fraction=0.1, seed=0, verbose=1):
     """Fine-tunes `preset` on `data` and writes the result to `out`.
 
-    `data` is "digits" or a folder of class sub-folders (see
-    `keras_e3.data.load_dataset`). The model gets a new head with one
-    class per data class: the folder's sorted sub-folder names are the
-    new classes (class 0 is the first name; saved as the preset's
-    `class_names`), whatever the preset's own classes are. Every image
-    goes through the preset's converter (`model.preprocessor`, the same
-    as `predict`), and the new preset saves that same converter. With
-    `shots`, k examples per class are sampled (seeded) and the rest is the
-    held-out set. Training follows the paper's recipe (momentum SGD,
-    linear warm-up then cosine decay, gradients clipped to a global norm
-    of 1). `out` is written atomically at the end, with the summary as
-    `finetune.json` inside it (the Keras backend included): an interrupted
-    run leaves the previous `out` (or none), never a partial preset.
-    Returns the summary.
+    The model gets a new head with one class per data class: the folder's
+    sorted sub-folder names are the new classes (class 0 is the first name;
+    saved as the preset's `class_names`), whatever the preset's own classes
+    are. Every image goes through the preset's converter
+    (`model.preprocessor`, the same as `predict`), and the new preset saves
+    that same converter. With `shots`, k examples per class are sampled
+    (seeded) and the rest is the held-out set. Training follows the
+    paper's recipe (momentum SGD, linear warm-up then cosine decay,
+    gradients clipped to a global norm of 1). `out` is written atomically
+    at the end, with the summary as `finetune.json` inside it (the Keras
+    backend included): an interrupted run leaves the previous `out` (or
+    none), never a partial preset.
+
+    Args:
+        preset: a preset name or directory (`E3ViT.from_preset`).
+        data: "digits" or a folder of class sub-folders (see
+            `keras_e3.data.load_dataset`).
+        out: the preset directory to write.
+        shots: examples per class to train on (None: the whole train set).
+        epochs: training epochs.
+        batch_size: images per step.
+        learning_rate: the peak learning rate.
+        optimizer: "sgd", "adam" or "adamw" (`make_optimizer`).
+        train: which weights to train (`freeze`: "head", "all",
+            "all_but_experts").
+        warmup_fraction: the fraction of the steps spent warming up.
+        seed: seed of the sampling, the head and the shuffling.
+        verbose: Keras' verbosity.
+
+    Returns:
+        The summary dict (also written as `out/finetune.json`).
+
+    Example:
+    ```python
+    from keras_e3 import training
+
+    summary = training.finetune("vit_tiny_digits", "digits", "my_digits",
+                                shots=2, epochs=1, train="head", verbose=0)
+    sorted(summary)
+    ```
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1.")

@@ -35,6 +35,24 @@ def warmup_cosine_schedule(peak_lr, total_steps, warmup_steps=0, end_lr=0.0):
     with p = (s - warmup_steps) / (total_steps - warmup_steps) clipped to
     [0, 1] (so lr = end_lr from `total_steps` on). This is vmoe's /
     big_vision's "linear_warmup * cosine_decay".
+
+    Args:
+        peak_lr: the learning rate at the end of the warm-up (> 0).
+        total_steps: steps of warm-up and decay together.
+        warmup_steps: steps of the linear warm-up (< `total_steps`).
+        end_lr: the final learning rate, in [0, peak_lr].
+
+    Returns:
+        A `keras.optimizers.schedules.LearningRateSchedule`.
+
+    Example:
+    ```python
+    from keras_e3 import training
+
+    schedule = training.warmup_cosine_schedule(0.1, total_steps=100,
+                                               warmup_steps=10)
+    [float(schedule(step)) for step in (0, 5, 10, 100)]  # [0, 0.05, 0.1, 0]
+    ```
     """
     _validate_schedule(peak_lr, total_steps, warmup_steps, end_lr)
     return keras.optimizers.schedules.CosineDecay(
@@ -54,7 +72,23 @@ def _cosine_decay_args(peak_lr, total_steps, warmup_steps, end_lr):
 class WarmupCosineSchedule(keras.optimizers.schedules.CosineDecay):
     """The schedule of `warmup_cosine_schedule` under its earlier name, kept
     so that optimizers saved with it (config keys `peak_lr`, `total_steps`,
-    `warmup_steps`, `end_lr`) still load."""
+    `warmup_steps`, `end_lr`) still load.
+
+    Args:
+        peak_lr: the learning rate at the end of the warm-up.
+        total_steps: steps of warm-up and decay together.
+        warmup_steps: steps of the linear warm-up.
+        end_lr: the final learning rate.
+
+    Example:
+    ```python
+    from keras_e3 import training
+
+    schedule = training.WarmupCosineSchedule(0.1, total_steps=100,
+                                             warmup_steps=10)
+    float(schedule(10))  # 0.1
+    ```
+    """
 
     def __init__(self, peak_lr, total_steps, warmup_steps=0, end_lr=0.0):
         _validate_schedule(peak_lr, total_steps, warmup_steps, end_lr)
@@ -82,6 +116,19 @@ def make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9,
             (None: no clipping).
         weight_decay: decoupled weight decay (None: none).
         **kwargs: passed on to the Keras optimizer (e.g. `beta_2`).
+
+    Returns:
+        A `keras.optimizers.Optimizer`.
+
+    Example:
+    ```python
+    from keras_e3 import training
+
+    schedule = training.warmup_cosine_schedule(0.01, total_steps=100,
+                                               warmup_steps=10)
+    optimizer = training.make_optimizer("sgd", learning_rate=schedule)
+    optimizer.global_clipnorm  # 1.0
+    ```
     """
     key = str(name).lower()
     if key not in OPTIMIZERS:
@@ -102,7 +149,30 @@ def make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9,
 
 
 def expert_layers(model):
-    """The `ExpertsMlp` layers of an `E3ViT` or `E3ViTBackbone`."""
+    """The `ExpertsMlp` layers of an `E3ViT` or `E3ViTBackbone`.
+
+    Args:
+        model: an `E3ViT` or `E3ViTBackbone`.
+
+    Returns:
+        A list of `keras_e3.layers.ExpertsMlp` (empty for a dense ViT).
+
+    Example:
+    ```python
+    import keras_e3
+
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
+        mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
+        ensemble_size=2, group_size=10)
+    model = keras_e3.E3ViT(backbone, num_classes=3,
+                           preprocessor=keras_e3.ImageConverter(image_size=16))
+
+    from keras_e3 import training
+
+    [layer.path for layer in training.expert_layers(model)]
+    ```
+    """
     backbone = getattr(model, "backbone", model)
     layers = [block.mlp.experts for block in backbone.moe_blocks]
     assert all(isinstance(layer, ExpertsMlp) for layer in layers)
@@ -119,6 +189,30 @@ def freeze(model, train="head"):
 
     Call before `compile()`, or compile again: Keras collects the trainable
     variables when it builds the train step.
+
+    Args:
+        model: an `E3ViT`.
+        train: "head", "all" or "all_but_experts" (`TRAIN_MODES`).
+
+    Returns:
+        `model`.
+
+    Example:
+    ```python
+    import keras_e3
+
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
+        mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
+        ensemble_size=2, group_size=10)
+    model = keras_e3.E3ViT(backbone, num_classes=3,
+                           preprocessor=keras_e3.ImageConverter(image_size=16))
+
+    from keras_e3 import training
+
+    training.freeze(model, train="head")
+    len(model.trainable_weights)  # 2: the head's kernel and bias
+    ```
     """
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}; got {train!r}.")
@@ -145,7 +239,22 @@ def freeze(model, train="head"):
 def set_mixed_precision(enabled=True, policy="mixed_bfloat16"):
     """Sets Keras' global dtype policy (`policy`, or "float32" if disabled).
 
-    Affects models built afterwards. Returns the previous policy name.
+    Affects models built afterwards.
+
+    Args:
+        enabled: True for `policy`, False for "float32".
+        policy: a Keras mixed dtype policy name.
+
+    Returns:
+        The previous policy's name.
+
+    Example:
+    ```python
+    from keras_e3 import training
+
+    previous = training.set_mixed_precision(True)  # "mixed_bfloat16"
+    training.set_mixed_precision(policy=previous)  # back to what it was
+    ```
     """
     previous = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy(policy if enabled else "float32")
