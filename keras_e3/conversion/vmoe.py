@@ -99,7 +99,8 @@ def backbone_kwargs_from_vmoe(config, image_size=None):
     defaults to the config's `image_size` (a convenience field, not a vmoe
     model argument); pass it when the config lacks one. `num_channels`
     (another convenience field; vmoe's models take RGB) sets the input
-    channels.
+    channels; `gelu_approximate` and `final_norm` (convenience fields for
+    timm and keras-hub ViTs) pass through to the backbone.
     """
     config = read_config(config)
     name = config.get("name", "VisionTransformerMoe")
@@ -146,6 +147,12 @@ def backbone_kwargs_from_vmoe(config, image_size=None):
     )
     if config.get("num_channels", 3) != 3:
         kwargs["num_channels"] = int(config["num_channels"])
+    # Convenience fields of dense checkpoints from other libraries (timm,
+    # keras-hub): exact GELU and timm's fc_norm (see E3ViTBackbone).
+    if config.get("gelu_approximate", True) is False:
+        kwargs["gelu_approximate"] = False
+    if config.get("final_norm", "sequence") != "sequence":
+        kwargs["final_norm"] = config["final_norm"]
     if position_name != "learned":
         kwargs["position_embedding"] = position_name
     if "temperature" in position_emb:

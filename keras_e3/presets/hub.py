@@ -14,7 +14,9 @@ from keras_e3.presets import files as preset_io
 from keras_e3.presets.files import PresetError
 
 PREFIX = "hf://"
-PRESET_PATTERNS = ("*.json", "*.h5", "*.md")
+# JSON, HDF5, Markdown, and safetensors for timm's repositories (never
+# pickles: pytorch_model.bin is not downloaded).
+PRESET_PATTERNS = ("*.json", "*.h5", "*.md", "*.safetensors")
 
 
 def parse_handle(handle):
