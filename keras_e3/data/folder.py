@@ -86,7 +86,7 @@ def load_images(paths, preprocessor):
     model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
     x = data.load_images(["photos/cat/0.png", "photos/dog/1.png"],
                          model.preprocessor)
-    x.shape  # (2, 8, 8, 1): the model's input size and channels
+    x.shape  # (2, 32, 32, 1): the model's input size and channels
     ```
     """
     converter = as_converter(preprocessor, "load_images")
@@ -268,7 +268,7 @@ def load_dataset(spec, preprocessor, split="test", class_names=None):
     model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
     x, y, names = data.load_dataset("digits", model.preprocessor,
                                     class_names=model.class_names)
-    x.shape[1:], len(names)  # (8, 8, 1), 10
+    x.shape[1:], len(names)  # (32, 32, 1), 10
     ```
     """
     converter = as_converter(preprocessor, "load_dataset")

@@ -245,7 +245,7 @@ def from_arrays(x, y=None, batch_size=32, shuffle=False, seed=None,
     ds = data.from_arrays(raw, [0, 1, 2, 3, 4, 5], batch_size=4,
                           shuffle=True, seed=0, preprocessor=model)
     images, labels = ds[0]
-    images.shape  # (4, 8, 8, 1)
+    images.shape  # (4, 32, 32, 1)
     ```
     """
     return ArrayDataset(x, y, batch_size=batch_size, shuffle=shuffle,
@@ -421,7 +421,7 @@ def from_tfds(name, split, preprocessor, data_dir=None, batch_size=32,
     with tfds.testing.mock_data(num_examples=4):  # random data, no download
         ds = data.from_tfds("mnist", "test", model, batch_size=2)
         images, labels = next(iter(ds))
-    images.shape  # (2, 8, 8, 1)
+    images.shape  # (2, 32, 32, 1)
     ```
     """
     tf = _import_tf("from_tfds")

@@ -24,6 +24,20 @@ class DeepEnsemble:
         models: non-empty list of `E3ViT` models with the same
             `num_classes` and input image shape. E³ models contribute all
             their members.
+
+    Example:
+    ```python
+    import numpy as np
+
+    import keras_e3
+
+    ensemble = keras_e3.DeepEnsemble([
+        keras_e3.E3ViT.from_preset("vit_tiny_digits"),
+        keras_e3.E3ViT.from_preset("e3_tiny_digits")])
+    len(ensemble)  # 2 models
+    raw = np.zeros((2, 8, 8, 1), np.uint8)
+    ensemble.predict_members(raw).shape  # (2, 3, 10): 1 + 2 members
+    ```
     """
 
     def __init__(self, models):

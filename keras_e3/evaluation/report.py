@@ -75,6 +75,39 @@ def evaluate(model, images, labels, ood_images=None, out_dir=None,
     With `out_dir`, writes `out_dir/report.json` and (`plots=True`, needs
     matplotlib) the PNG plots. `info` adds entries to the report ("preset",
     "dataset", "ood_dataset").
+
+    Args:
+        model: an `E3ViT` (with its converter).
+        images: raw images of any kind `model.predict` takes, or
+            model-ready images [N, H, W, C].
+        labels: integer labels [N].
+        ood_images: out-of-distribution images, for the OOD scores (None:
+            none).
+        out_dir: a directory for report.json (and plots); None: nothing
+            written.
+        class_names: the classes' names (default: the model's).
+        plots: write the PNG plots to `out_dir` (needs matplotlib).
+        batch_size: images per `predict` call.
+        num_bins: ECE bins.
+        info: more entries for the report.
+
+    Returns:
+        The report dict.
+
+    Example:
+    ```python
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
+    images, labels, _ = data.load_raw_dataset("digits", split="test")
+    images, labels = images[:16], labels[:16]
+
+    from keras_e3 import evaluation
+
+    report = evaluation.evaluate(model, images, labels, plots=False)
+    sorted(report)
+    ```
     """
     images = np.asarray(images, dtype=np.float32)
     labels = np.asarray(labels).reshape(-1)
@@ -143,7 +176,28 @@ def evaluate(model, images, labels, ood_images=None, out_dir=None,
 
 def ood_metrics(in_logits, out_logits):
     """{score: {"auroc", "aupr", "fpr_at_95_tpr"}} from member logits
-    [N, M, C] of in-distribution and OOD examples."""
+    [N, M, C] of in-distribution and OOD examples.
+
+    Args:
+        in_logits: member logits [N, M, C] of in-distribution examples.
+        out_logits: member logits [N', M, C] of OOD examples.
+
+    Returns:
+        A dict {score name: {"auroc", "aupr", "fpr_at_95_tpr"}}.
+
+    Example:
+    ```python
+    import numpy as np
+
+    from keras_e3 import evaluation
+
+    rng = np.random.default_rng(0)
+    in_logits = rng.normal(size=(8, 2, 3)) * 4  # confident: in-distribution
+    out_logits = rng.normal(size=(8, 2, 3))
+    scores = evaluation.ood_metrics(in_logits, out_logits)
+    sorted(scores["msp"])  # ["aupr", "auroc", "fpr_at_95_tpr"]
+    ```
+    """
     out = {}
     for name, (s_in, s_out) in ood_scores(in_logits, out_logits).items():
         out[name] = {"auroc": e3_metrics.auroc(s_in, s_out),
@@ -211,7 +265,28 @@ def _make_plots(model, images, labels, logits, ood_logits, routing, metrics,
 
 def describe_members(member_logits, class_names=None, top_k=3):
     """Lines describing each member's and the ensemble's top-k classes for
-    one image's member logits [M, C]."""
+    one image's member logits [M, C].
+
+    Args:
+        member_logits: one image's member logits [M, C].
+        class_names: the classes' names (None: their indices).
+        top_k: classes listed per line.
+
+    Returns:
+        A list of strings: one per member, then the ensemble.
+
+    Example:
+    ```python
+    import numpy as np
+
+    from keras_e3 import evaluation
+
+    member_logits = np.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # [M, C]
+    for line in evaluation.describe_members(member_logits, ["a", "b", "c"],
+                                            top_k=2):
+        print(line)
+    ```
+    """
     member_logits = np.asarray(member_logits)
     names = class_names or [f"class {i}"
                             for i in range(member_logits.shape[-1])]
@@ -230,7 +305,30 @@ def describe_members(member_logits, class_names=None, top_k=3):
 
 
 def summary(report):
-    """A few human-readable lines about a report."""
+    """A few human-readable lines about a report.
+
+    Args:
+        report: an `evaluate` report.
+
+    Returns:
+        A list of strings.
+
+    Example:
+    ```python
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
+    images, labels, _ = data.load_raw_dataset("digits", split="test")
+    images, labels = images[:16], labels[:16]
+
+    from keras_e3 import evaluation
+
+    report = evaluation.evaluate(model, images, labels, plots=False)
+    for line in evaluation.summary(report):
+        print(line)
+    ```
+    """
     metrics = report["metrics"]
     m = report["ensemble_size"]
     lines = [f"{report.get('preset') or 'model'} on "

@@ -137,15 +137,22 @@ def evaluate_corruptions(model, images, labels, corruptions="all",
         "model" is "ensemble" or "member_<m>".
 
     Example:
-    >>> import numpy as np, keras_e3
-    >>> from keras_e3.data.digits import load_digits_raw, to_uint8
-    >>> model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
-    >>> x, y = load_digits_raw()
-    >>> rows = evaluate_corruptions(model, to_uint8(x[:8]), y[:8],
-    ...                             corruptions="contrast", severities=1,
-    ...                             verbose=0)
-    >>> [(r["corruption"], r["severity"], r["model"]) for r in rows][:2]
-    [('clean', 0, 'ensemble'), ('clean', 0, 'member_0')]
+    ```python
+    import keras_e3
+    from keras_e3 import data
+
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
+    images, labels, _ = data.load_raw_dataset("digits", split="test")
+    images, labels = images[:16], labels[:16]
+
+    from keras_e3 import evaluation
+
+    rows = evaluation.evaluate_corruptions(model, images, labels,
+                                           corruptions="contrast",
+                                           severities=1, verbose=0)
+    [(r["corruption"], r["severity"], r["model"]) for r in rows][:2]
+    # [("clean", 0, "ensemble"), ("clean", 0, "member_0")]
+    ```
     """
     import keras
 
@@ -238,17 +245,20 @@ def mean_corruption_error(rows, baseline="alexnet", model="ensemble",
         "corruptions", "severities", "baseline"}.
 
     Example:
-    >>> rows = [{"corruption": "clean", "severity": 0, "model": "ensemble",
-    ...          "accuracy": 0.9},
-    ...         {"corruption": "fog", "severity": 1, "model": "ensemble",
-    ...          "accuracy": 0.6}]
-    >>> base = [{"corruption": "clean", "severity": 0, "model": "ensemble",
-    ...          "accuracy": 0.8},
-    ...         {"corruption": "fog", "severity": 1, "model": "ensemble",
-    ...          "accuracy": 0.2}]
-    >>> out = mean_corruption_error(rows, base, corruptions=["fog"])
-    >>> round(out["mce"], 4), round(out["relative_mce"], 4)
-    (0.5, 0.5)
+    ```python
+    from keras_e3 import evaluation
+
+    rows = [{"corruption": "clean", "severity": 0, "model": "ensemble",
+             "accuracy": 0.9},
+            {"corruption": "fog", "severity": 1, "model": "ensemble",
+             "accuracy": 0.6}]
+    base = [{"corruption": "clean", "severity": 0, "model": "ensemble",
+             "accuracy": 0.8},
+            {"corruption": "fog", "severity": 1, "model": "ensemble",
+             "accuracy": 0.2}]
+    out = evaluation.mean_corruption_error(rows, base, corruptions=["fog"])
+    out["mce"], out["relative_mce"]  # 0.5, 0.5
+    ```
     """
     ours = _errors(rows, model)
     if isinstance(baseline, str):
@@ -306,11 +316,14 @@ def summarize_corruptions(rows):
         the clean data (not averaged).
 
     Example:
-    >>> rows = [{"corruption": c, "severity": 1, "model": "ensemble",
-    ...          "accuracy": a, "nll": 1.0, "ece": 0.1, "brier": 0.2}
-    ...         for c, a in (("fog", 0.5), ("snow", 0.7))]
-    >>> summarize_corruptions(rows)[0]["accuracy"]
-    0.6
+    ```python
+    from keras_e3 import evaluation
+
+    rows = [{"corruption": c, "severity": 1, "model": "ensemble",
+             "accuracy": a, "nll": 1.0, "ece": 0.1, "brier": 0.2}
+            for c, a in (("fog", 0.5), ("snow", 0.7))]
+    evaluation.summarize_corruptions(rows)[0]["accuracy"]  # 0.6
+    ```
     """
     groups = {}
     for row in rows:
@@ -361,6 +374,19 @@ def evaluate_shift(model, name, data_dir=None, batch_size=64,
         "num_examples"} ("ensemble", then each member), with "corruption"
         and "severity" too for the corrupted sets (so that
         `mean_corruption_error` reads them).
+
+    Example:
+    ```python
+    import tensorflow_datasets as tfds
+
+    import keras_e3
+    from keras_e3 import evaluation
+
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")  # 10 classes
+    with tfds.testing.mock_data(num_examples=4):  # random data, no download
+        rows = evaluation.evaluate_shift(model, "cifar10_1", verbose=0)
+    rows[0]["model"], rows[0]["num_examples"]  # "ensemble", 4
+    ```
     """
     import keras
 

@@ -56,6 +56,25 @@ def routing_stats(model, images, batch_size=64):
       "mean_top_expert_weight" its mean.
 
     Batches of `batch_size` images are routed as `predict` routes them.
+
+    Args:
+        model: an `E3ViT` with MoE blocks.
+        images: see above.
+        batch_size: images per batch.
+
+    Example:
+    ```python
+    import numpy as np
+
+    import keras_e3
+    from keras_e3 import evaluation
+
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
+    raw = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), np.uint8)
+    stats = evaluation.routing_stats(model, raw)
+    layer = next(iter(stats["layers"].values()))
+    layer["router"], len(layer["expert_load"])  # "top_k", 4 experts
+    ```
     """
     backbone = model.backbone
     router = getattr(backbone, "router", "top_k")

@@ -122,7 +122,26 @@ def _area_weights(in_size, out_size):
 def resize_area_matmul(images, size):
     """`tf.compat.v1.image.resize_area(images, size)` as two matrix
     products (ops ONNX and LiteRT have): [B, H, W, C] -> float32
-    [B, *size, C]; `size` may be dynamic."""
+    [B, *size, C]; `size` may be dynamic.
+
+    Args:
+        images: images [B, H, W, C] (a TensorFlow tensor).
+        size: (height, width) of the output.
+
+    Returns:
+        float32 images [B, *size, C].
+
+    Example:
+    ```python
+    # Backend: tensorflow
+    import tensorflow as tf
+
+    from keras_e3 import export
+
+    images = tf.random.uniform((1, 6, 9, 3))
+    export.resize_area_matmul(images, (2, 3)).shape  # (1, 2, 3, 3)
+    ```
+    """
     import tensorflow as tf
 
     x = tf.cast(images, tf.float32)
@@ -216,7 +235,29 @@ def serving_model(model, portable=False):
     """A functional model (TensorFlow backend): raw uint8 images
     [B, None, None, C] -> `model.preprocessor.convert_tf` -> `model` ->
     {"member_logits", "ensemble_probabilities"}; `portable`: the
-    converter's resampling `portable_resize` (for ONNX and LiteRT)."""
+    converter's resampling `portable_resize` (for ONNX and LiteRT).
+
+    Args:
+        model: an `E3ViT` with a `preprocessor`.
+        portable: resample with ops ONNX and LiteRT have.
+
+    Returns:
+        A `keras.Model`.
+
+    Example:
+    ```python
+    # Backend: tensorflow
+    import numpy as np
+
+    import keras_e3
+    from keras_e3 import export
+
+    model = keras_e3.E3ViT.from_preset("vit_tiny_digits")
+    served = export.serving_model(model)
+    outputs = served(np.zeros((2, 30, 20, 1), np.uint8))
+    outputs["ensemble_probabilities"].shape  # (2, 10)
+    ```
+    """
     converter = model_converter(model)
     shape = model_image_shape(model)
     images = keras.Input((None, None, served_channels(model, converter)),

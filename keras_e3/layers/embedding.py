@@ -47,10 +47,14 @@ def resample_position_embedding(pos_embedding, old_grid, new_grid,
         A NumPy array [1, prefix + new_h * new_w, H] of the input's dtype.
 
     Example:
-    >>> import numpy as np
-    >>> pos = np.arange(1 + 2 * 3, dtype="float32").reshape(1, 7, 1)
-    >>> resample_position_embedding(pos, (2, 3), (3, 5))[0, :, 0].tolist()
-    [0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 2.5, 3.0, 3.5, 4.0, 4.5, 4.0, 4.5, 5.0, 5.5, 6.0]
+    ```python
+    import numpy as np
+    from keras_e3.layers import resample_position_embedding
+    pos = np.arange(1 + 2 * 3, dtype="float32").reshape(1, 7, 1)
+    resample_position_embedding(pos, (2, 3), (3, 5))[0, :, 0].tolist()
+    # [0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 2.5, 3.0, 3.5, 4.0, 4.5, 4.0, 4.5,
+    #  5.0, 5.5, 6.0]
+    ```
     """
     if method not in RESAMPLING_METHODS:
         raise ValueError(f"method must be one of {RESAMPLING_METHODS}; got "
@@ -134,6 +138,26 @@ class PatchAndPositionEmbedding(keras.layers.Layer):
     (class token included); "sincos2d" vmoe's fixed table
     (`sincos2d_position_embedding`, no weight) added to the patch tokens
     only, not to the class token; "none" nothing.
+
+    Args:
+        image_size: int or (height, width) of the images.
+        patch_size: int or (height, width) of the patches (dividing
+            `image_size`).
+        hidden_dim: the token width D.
+        num_channels: image channels C.
+        use_class_token: prepend a learned class token.
+        position_embedding: "learned", "sincos2d" or "none".
+        sincos2d_temperature: temperature of the "sincos2d" table.
+        **kwargs: Keras' `Layer` arguments (`name`, `dtype`, ...).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3.layers import PatchAndPositionEmbedding
+    embed = PatchAndPositionEmbedding(image_size=16, patch_size=8,
+                                      hidden_dim=32)
+    embed(np.zeros((2, 16, 16, 3), "float32")).shape  # (2, 5, 32)
+    ```
     """
 
     def __init__(self, image_size, patch_size, hidden_dim, num_channels=3,
