@@ -53,6 +53,19 @@ class ExpertsMlp(keras.layers.Layer):
 
     `call(x)` maps expert buffers [E, N, H] to [E, N, H]; each expert is
     initialised like a separate vit_jax MlpBlock.
+
+    Args:
+        num_experts: the number of experts E.
+        mlp_dim: each expert's hidden width.
+        dropout_rate: dropout after each dense layer.
+        **kwargs: Keras' `Layer` arguments (`name`, `dtype`, ...).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3.layers import ExpertsMlp
+    ExpertsMlp(4, 32)(np.zeros((4, 6, 16), "float32")).shape  # (4, 6, 16)
+    ```
     """
 
     def __init__(self, num_experts, mlp_dim, dropout_rate=0.0, **kwargs):
