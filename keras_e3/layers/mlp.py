@@ -16,12 +16,29 @@ BIAS_INIT = {"class_name": "RandomNormal", "config": {"stddev": 1e-6}}
 
 @keras.saving.register_keras_serializable(package="keras_e3")
 class Mlp(keras.layers.Layer):
-    """Dense -> GELU -> Dropout -> Dense -> Dropout (vit_jax's MlpBlock)."""
+    """Dense -> GELU -> Dropout -> Dense -> Dropout (vit_jax's MlpBlock).
 
-    def __init__(self, mlp_dim, dropout_rate=0.0, **kwargs):
+    Args:
+        mlp_dim: int, the hidden width.
+        dropout_rate: float, dropout after the GELU and after the output.
+        gelu_approximate: bool, True (default) for the tanh approximation
+            of GELU (Flax's `nn.gelu`, vit_jax and vmoe), False for the exact
+            erf form (PyTorch's `nn.GELU`, timm and keras-hub ViTs).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3.layers import Mlp
+    y = Mlp(32)(np.zeros((2, 5, 16), "float32"))  # [2, 5, 16]
+    ```
+    """
+
+    def __init__(self, mlp_dim, dropout_rate=0.0, gelu_approximate=True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.mlp_dim = mlp_dim
         self.dropout_rate = dropout_rate
+        self.gelu_approximate = bool(gelu_approximate)
         self.dense_0 = keras.layers.Dense(
             mlp_dim, kernel_initializer=KERNEL_INIT, bias_initializer=BIAS_INIT,
             dtype=self.dtype_policy, name="dense_0")
@@ -38,12 +55,17 @@ class Mlp(keras.layers.Layer):
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
 
     def call(self, x, training=None):
-        x = self.dropout(gelu(self.dense_0(x)), training=training)
+        x = self.dense_0(x)
+        x = gelu(x) if self.gelu_approximate else keras.activations.gelu(
+            x, approximate=False)
+        x = self.dropout(x, training=training)
         return self.dropout(self.dense_1(x), training=training)
 
     def get_config(self):
         config = super().get_config()
         config.update(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate)
+        if not self.gelu_approximate:
+            config["gelu_approximate"] = False
         return config
 
 
