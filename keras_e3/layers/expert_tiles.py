@@ -11,6 +11,10 @@ is a second loop over the same tiles, accumulating each tile's weight
 gradients into its expert's slice only; autodiff of the forward loop would
 carry (and add) the gradient of every expert's weights at every tile. The
 forward pass then keeps the pre-activations [rows, F] for the backward.
+
+`approximate` (every function here): True for Flax's tanh GELU (vmoe's
+experts), False for the exact erf GELU (experts upcycled from timm or
+keras-hub ViTs).
 """
 
 import math
@@ -19,25 +23,32 @@ import keras
 from keras import ops
 
 _GELU_C = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def gelu(x):
-    """Flax's default nn.gelu: the tanh approximation (every MLP here)."""
-    return keras.activations.gelu(x, approximate=True)
+def gelu(x, approximate=True):
+    """GELU: Flax's default nn.gelu, the tanh approximation (vmoe's MLPs),
+    or with `approximate=False` the exact x Φ(x) (PyTorch's nn.GELU)."""
+    return keras.activations.gelu(x, approximate=approximate)
 
 
-def gelu_grad(x):
-    """d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²),
-    t = tanh(c (x + a x³)), c = sqrt(2 / pi), a = 0.044715."""
+def gelu_grad(x, approximate=True):
+    """d gelu / dx. Tanh form: 0.5 (1 + t) + 0.5 x (1 - t²) c (1 + 3 a x²),
+    t = tanh(c (x + a x³)), c = sqrt(2 / pi), a = 0.044715. Exact form:
+    Φ(x) + x φ(x) = 0.5 (1 + erf(x / √2)) + x exp(-x² / 2) / √(2π)."""
+    if not approximate:
+        return 0.5 * (1.0 + ops.erf(x * _INV_SQRT_2)) + x * ops.exp(
+            -0.5 * x * x) * _INV_SQRT_2PI
     t = ops.tanh(_GELU_C * (x + 0.044715 * x * x * x))
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (
         1.0 + 3 * 0.044715 * x * x)
 
 
-def expert_mlp(rows, kernel_0, bias_0, kernel_1, bias_1):
+def expert_mlp(rows, kernel_0, bias_0, kernel_1, bias_1, approximate=True):
     """One expert's MLP on rows [N, H] (its unstacked weights), or every
     expert's on [E, N, H] (stacked weights, biases [E, 1, ...])."""
-    return ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0),
+    return ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0, approximate),
                       kernel_1) + bias_1
 
 
@@ -58,7 +69,8 @@ def _add_to_expert(total, e, update):
     return ops.slice_update(total, start, current + update[None])
 
 
-def _forward(x, params, tile_expert, num_used, tile_size, keep_pre):
+def _forward(x, params, tile_expert, num_used, tile_size, keep_pre,
+             approximate=True):
     """y [rows, H] (and the pre-activations [rows, F] if keep_pre)."""
     num_tiles = x.shape[0] // tile_size
     mlp_dim = params[0].shape[-1]
@@ -66,7 +78,7 @@ def _forward(x, params, tile_expert, num_used, tile_size, keep_pre):
     def run(i):
         kernel_0, bias_0, kernel_1, bias_1 = _expert(params, tile_expert[i])
         pre = ops.matmul(_tile(x, i, tile_size), kernel_0) + bias_0
-        return ops.matmul(gelu(pre), kernel_1) + bias_1, pre
+        return ops.matmul(gelu(pre, approximate), kernel_1) + bias_1, pre
 
     def skip():
         return (ops.zeros((tile_size, x.shape[-1]), x.dtype),
@@ -86,7 +98,8 @@ def _forward(x, params, tile_expert, num_used, tile_size, keep_pre):
     return ops.fori_loop(0, num_tiles, body, init)
 
 
-def _backward(dy, x, pre, params, tile_expert, num_used, tile_size):
+def _backward(dy, x, pre, params, tile_expert, num_used, tile_size,
+              approximate=True):
     """Gradients (x, kernel_0, bias_0, kernel_1, bias_1) from dy [rows, H]."""
     num_tiles = x.shape[0] // tile_size
     # The kernels transposed once, outside the loop: a matmul with a
@@ -96,10 +109,10 @@ def _backward(dy, x, pre, params, tile_expert, num_used, tile_size):
     def run(i, e):
         kernel_0_t, kernel_1_t = _expert(kernels_t, e)
         x_t, pre_t, dy_t = (_tile(a, i, tile_size) for a in (x, pre, dy))
-        d_pre = ops.matmul(dy_t, kernel_1_t) * gelu_grad(pre_t)
+        d_pre = ops.matmul(dy_t, kernel_1_t) * gelu_grad(pre_t, approximate)
         return (ops.matmul(d_pre, kernel_0_t),
                 ops.matmul(ops.transpose(x_t), d_pre), ops.sum(d_pre, 0),
-                ops.matmul(ops.transpose(gelu(pre_t)), dy_t),
+                ops.matmul(ops.transpose(gelu(pre_t, approximate)), dy_t),
                 ops.sum(dy_t, 0))
 
     def skip():
@@ -118,7 +131,8 @@ def _backward(dy, x, pre, params, tile_expert, num_used, tile_size):
     return ops.fori_loop(0, num_tiles, body, init)
 
 
-def _grouped_eager(x, params, tile_expert, num_used, tile_size):
+def _grouped_eager(x, params, tile_expert, num_used, tile_size,
+                   approximate=True):
     """`_forward` in eager mode (PyTorch): the tiles of one expert are
     contiguous, so each expert runs once, on all its rows in one product,
     whatever the tile size; the unused rows are zeros. Shapes may depend on
@@ -131,7 +145,8 @@ def _grouped_eager(x, params, tile_expert, num_used, tile_size):
         if not tiles:
             continue
         rows = x[start * tile_size:(start + tiles) * tile_size]
-        outputs.append(expert_mlp(rows, *_expert(params, e)))
+        outputs.append(expert_mlp(rows, *_expert(params, e),
+                                  approximate=approximate))
         start += tiles
     outputs.append(ops.zeros((x.shape[0] - start * tile_size, x.shape[-1]),
                              x.dtype))
@@ -139,7 +154,7 @@ def _grouped_eager(x, params, tile_expert, num_used, tile_size):
 
 
 def expert_tiles(x, params, tile_expert, num_used, tile_size,
-                 differentiable=False):
+                 differentiable=False, approximate=True):
     """Rows [num_tiles * tile_size, H] through their experts.
 
     params: the stacked (kernel_0 [E, H, F], bias_0 [E, F],
@@ -150,22 +165,23 @@ def expert_tiles(x, params, tile_expert, num_used, tile_size,
     # gradient would otherwise want the variables' gradients separately).
     params = [ops.cast(getattr(w, "value", w), x.dtype) for w in params]
     if not differentiable and keras.backend.backend() == "torch":
-        return _grouped_eager(x, params, tile_expert, num_used, tile_size)
+        return _grouped_eager(x, params, tile_expert, num_used, tile_size,
+                              approximate)
     if not differentiable:
         return _forward(x, params, tile_expert, num_used, tile_size,
-                        keep_pre=False)[0]
+                        keep_pre=False, approximate=approximate)[0]
 
     @ops.custom_gradient
     def run(x, kernel_0, bias_0, kernel_1, bias_1):
         weights = (kernel_0, bias_0, kernel_1, bias_1)
         y, pre = _forward(x, weights, tile_expert, num_used, tile_size,
-                          keep_pre=True)
+                          keep_pre=True, approximate=approximate)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             return _backward(upstream, x, pre, weights, tile_expert,
-                             num_used, tile_size)
+                             num_used, tile_size, approximate)
 
         return y, grad
 

@@ -80,6 +80,8 @@ class ExpertsMlp(keras.layers.Layer):
         num_experts: the number of experts E.
         mlp_dim: each expert's hidden width.
         dropout_rate: dropout after each dense layer.
+        gelu_approximate: True (default) for Flax's tanh GELU, False for
+            the exact one (experts upcycled from timm or keras-hub ViTs).
         **kwargs: Keras' `Layer` arguments (`name`, `dtype`, ...).
 
     Example:
@@ -90,11 +92,13 @@ class ExpertsMlp(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, num_experts, mlp_dim, dropout_rate=0.0, **kwargs):
+    def __init__(self, num_experts, mlp_dim, dropout_rate=0.0,
+                 gelu_approximate=True, **kwargs):
         super().__init__(**kwargs)
         self.num_experts = num_experts
         self.mlp_dim = mlp_dim
         self.dropout_rate = dropout_rate
+        self.gelu_approximate = bool(gelu_approximate)
         self.dropout = keras.layers.Dropout(dropout_rate,
                                             dtype=self.dtype_policy)
 
@@ -112,7 +116,8 @@ class ExpertsMlp(keras.layers.Layer):
                                       initializer=BIAS_INIT)
 
     def call(self, x, training=None):
-        h = gelu(ops.matmul(x, self.kernel_0) + self.bias_0[:, None, :])
+        h = gelu(ops.matmul(x, self.kernel_0) + self.bias_0[:, None, :],
+                 self.gelu_approximate)
         h = self.dropout(h, training=training)
         y = ops.matmul(h, self.kernel_1) + self.bias_1[:, None, :]
         return self.dropout(y, training=training)
@@ -126,7 +131,8 @@ class ExpertsMlp(keras.layers.Layer):
         return expert_tiles(
             x, (self.kernel_0, self.bias_0, self.kernel_1, self.bias_1),
             tile_expert, num_used_tiles, tile_size,
-            differentiable=bool(training))
+            differentiable=bool(training),
+            approximate=self.gelu_approximate)
 
     def call_buckets(self, x, busiest, buckets, training=None):
         """The experts on rows [E * bound, H], expert e's at [e * bound, ...)
@@ -144,7 +150,8 @@ class ExpertsMlp(keras.layers.Layer):
         def branch(size):
             def run(rows, kernel_0, bias_0, kernel_1, bias_1):
                 y = expert_mlp(rows[:, :size], kernel_0, bias_0[:, None, :],
-                               kernel_1, bias_1[:, None, :])
+                               kernel_1, bias_1[:, None, :],
+                               approximate=self.gelu_approximate)
                 return ops.pad(y, ((0, 0), (0, bound - size), (0, 0)))
             return run
 
@@ -158,4 +165,6 @@ class ExpertsMlp(keras.layers.Layer):
         config = super().get_config()
         config.update(num_experts=self.num_experts, mlp_dim=self.mlp_dim,
                       dropout_rate=self.dropout_rate)
+        if not self.gelu_approximate:
+            config["gelu_approximate"] = False
         return config
