@@ -56,6 +56,7 @@ UNDOCUMENTED = {
     "keras_e3.evaluation.flops.count_flops_from_config",
     "keras_e3.evaluation.flops.deep_ensemble_flops",
     "keras_e3.evaluation.flops.flops_ratio",
+    "keras_e3.presets.builtin.builtin_presets",
     "keras_e3.presets.builtin.list_presets",
     "keras_e3.presets.files.PresetError",
     "keras_e3.presets.hub.upload_preset",
@@ -70,8 +71,10 @@ def exported():
     out = {}
     for package in PACKAGES:
         for name, obj in vars(importlib.import_module(package)).items():
+            # Decorated functions (functools.lru_cache) count too.
             if name.startswith("_") or not (
-                    inspect.isclass(obj) or inspect.isfunction(obj)):
+                    inspect.isclass(obj) or inspect.isfunction(obj)
+                    or inspect.isfunction(getattr(obj, "__wrapped__", None))):
                 continue
             module = getattr(obj, "__module__", "") or ""
             if module.split(".")[0] == "keras_e3":
