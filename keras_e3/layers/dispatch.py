@@ -16,12 +16,20 @@ tokens with index gathers (and their scatter-add gradients): O(S·K) routing
 state, no [G, S, E, C] tensor, same capacity, same dropped tokens, same
 combine weights. `TiledDispatcher` is the gather path without the empty
 capacity slots: the kept tokens sorted by expert in tiles, run through the
-experts tile by tile (`keras_e3.layers.expert_tiles`), used by `MoeMlp`
-where it stores fewer rows than the buffers (`tiles_pay`). `make_dispatcher`
-is the one place that picks an implementation ("auto": see
-`resolve_dispatcher`).
+experts tile by tile (`keras_e3.layers.expert_tiles`); `BucketDispatcher`
+runs them at a few static row counts for inference.
+
+The router contract: every router's `route(x, valid, training, options)`
+returns `(dispatcher, metrics)`, the dispatcher a `Dispatcher` (the
+abstract interface below) whose `layout` names how the experts' rows are
+stored. `dispatch_plan` is the one function that decides that layout
+(backend, training, inspection, distribution, expert dropout, shapes);
+`MoeMlp.call` is route -> dispatch -> experts -> combine, whatever the
+router.
 """
 
+import abc
+import dataclasses
 import math
 
 from keras import ops
@@ -55,6 +63,26 @@ def compute_capacity(group_size, num_experts, num_selected_experts,
     capacity = ceil(group_size * K * capacity_factor / E) (or Python's
     `round`, half to even, with `ceil_or_round="round"`), then rounded up
     to a multiple of `multiple_of` (4 in vmoe; None, 0 or 1: no rounding).
+
+    Args:
+        group_size: S, tokens per routing group.
+        num_experts: E.
+        num_selected_experts: K.
+        capacity_factor: slack over an even split.
+        multiple_of: round up to a multiple of this.
+        ceil_or_round: "ceil" or "round".
+
+    Returns:
+        The capacity C, an int >= 1.
+
+    Example:
+
+    ```python
+    from keras_e3.layers import compute_capacity
+
+    assert compute_capacity(400, 8, 1, 1.0) == 52  # ceil(50) -> 52
+    assert compute_capacity(400, 8, 2, 1.05, multiple_of=1) == 105
+    ```
     """
     if ceil_or_round not in CEIL_OR_ROUND:
         raise ValueError(f"capacity_ceil_or_round must be one of "
@@ -89,6 +117,19 @@ def top_experts_per_item(gates, num_selected_experts, batch_priority=False,
         (expert_index [G, S, K], buffer_index [G, S, K]): the chosen experts
         and each choice's 0-based position in that expert's buffer
         (-1 for padding tokens). A position >= capacity means dropped.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras import ops
+    from keras_e3.layers import top_experts_per_item
+
+    gates = np.array([[[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]], "float32")
+    expert, position = top_experts_per_item(gates, 1)
+    # Tokens 0 and 1 pick expert 0 (slots 0, 1), token 2 expert 1 (slot 0).
+    assert ops.convert_to_numpy(position)[0, :, 0].tolist() == [0, 1, 0]
+    ```
     """
     num_experts = gates.shape[-1]
     top_gates, expert_index = top_k(gates, num_selected_experts)
@@ -140,19 +181,68 @@ def group_buffers(buffers, num_experts, capacity):
     return ops.transpose(buffers, (1, 0, 2, 3))
 
 
-class Dispatcher:
-    """What every dispatcher does: `dispatch(x)` tokens [G, S, H] to the
-    experts' input, `run_experts(experts, x)` the `ExpertsMlp` on it,
-    `combine(y)` back to [G, S, H]. `dtype` (e.g. "bfloat16") is the dtype
-    of the data movements."""
+LAYOUTS = ("einsum", "buffers", "tiles", "buckets", "soft")
+
+
+class Dispatcher(abc.ABC):
+    """The interface every router's dispatcher implements.
+
+    A router's `route` returns one with its metrics; `MoeMlp` then runs
+    `combine(run_experts(experts, dispatch(tokens)))`.
+
+    - `dispatch(x)`: tokens [G, S, H] -> the experts' rows in this
+      dispatcher's `layout`: the capacity buffers [E, G*C, H] for
+      "einsum", "buffers" and "soft" (C = slots per expert and group), or
+      the kept tokens sorted by expert, [rows, H], for "tiles" and
+      "buckets".
+    - `run_experts(experts, rows)`: the `ExpertsMlp` on those rows (the one
+      place that knows how a layout's rows reach the experts).
+    - `combine(y)`: the experts' rows -> tokens [G, S, H].
+    - `routing()`: the dense routing tensors for inspection
+      (`return_routing=True`, where `dispatch_plan` always picks a
+      buffers layout).
+
+    `dtype` (e.g. "bfloat16") is the dtype of the data movements.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers.dispatch import make_dispatcher
+
+    gates = np.random.default_rng(0).dirichlet(np.ones(4), (2, 8))
+    dispatcher = make_dispatcher(gates.astype("float32"), 1, capacity=4,
+                                 implementation="gather")
+    x = np.ones((2, 8, 3), "float32")
+    rows = dispatcher.dispatch(x)  # [E, G*C, H] = [4, 8, 3]
+    y = dispatcher.combine(rows)   # [G, S, H], each token times its gate
+    ```
+    """
 
     dtype = None
+    layout = None
 
     def _lowered(self, x):
         return x if self.dtype is None else ops.cast(x, self.dtype)
 
+    @abc.abstractmethod
+    def dispatch(self, x):
+        """Tokens [G, S, H] -> the experts' rows (see the class doc)."""
+
+    @abc.abstractmethod
+    def combine(self, y):
+        """The experts' rows -> tokens [G, S, H]."""
+
     def run_experts(self, experts, x, training=None):
+        """The experts on the rows `dispatch` made (buffers by default)."""
         return experts(x, training=training)
+
+    def routing(self):
+        """The dense routing tensors: the router's `gates` [G, S, E] and the
+        einsum reference's `combine_weights` / `dispatch_mask`
+        [G, S, E, C]."""
+        return dict(gates=self.gates, combine_weights=self.combine_weights,
+                    dispatch_mask=self.dispatch_mask)
 
 
 class EinsumDispatcher(Dispatcher):
@@ -163,12 +253,37 @@ class EinsumDispatcher(Dispatcher):
     token's outputs weighted by its (raw softmax) gates.
     With `dtype="bfloat16"` both data movements run in bfloat16, like
     vmoe's Bfloat16Dispatcher (the combine weights stay in their dtype).
+    `gates` [G, S, E], if given, is reported by `routing()`.
+
+    Args:
+        combine_weights: [G, S, E, C] weight of each token's expert slots.
+        dispatch_mask: [G, S, E, C] bool, where each token goes.
+        dtype: dtype of the data movements (None: the inputs').
+        gates: the router's gates, for inspection.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers import EinsumDispatcher
+
+    # One group of 2 tokens, 2 experts with 1 slot each: token s -> e = s.
+    mask = np.eye(2, dtype=bool).reshape(1, 2, 2, 1)
+    dispatcher = EinsumDispatcher(mask * 0.5, mask)
+    x = np.ones((1, 2, 3), "float32")
+    assert dispatcher.dispatch(x).shape == (2, 1, 3)  # [E, G*C, H]
+    assert np.allclose(dispatcher.combine(dispatcher.dispatch(x)), 0.5)
+    ```
     """
 
-    def __init__(self, combine_weights, dispatch_mask, dtype=None):
+    layout = "einsum"
+
+    def __init__(self, combine_weights, dispatch_mask, dtype=None,
+                 gates=None):
         self.combine_weights = combine_weights  # [G, S, E, C]
         self.dispatch_mask = dispatch_mask  # [G, S, E, C] bool
         self.dtype = dtype
+        self.gates = gates
 
     @property
     def capacity(self):
@@ -204,6 +319,8 @@ class GatherDispatcher(Dispatcher):
     reference are available as properties, computed only when asked for
     (`compute_intermediates`).
     """
+
+    layout = "buffers"
 
     def __init__(self, gates, expert_index, buffer_index, capacity,
                  dtype=None):
@@ -315,9 +432,14 @@ class SortedDispatcher(Dispatcher):
             ops.reshape(tokens, (-1,)), (num_rows + 1,))[:num_rows] - 1
         self.source = ops.where(owner < 0, num_tokens, owner)
 
+    @abc.abstractmethod
     def _layout(self, groups, group_size, k, capacity):
         """(starts [E]: each expert's first row, num_rows: static)."""
-        raise NotImplementedError
+
+    def routing(self):
+        raise ValueError(
+            f"The {self.layout!r} layout has no dense routing tensors: "
+            "inspection runs on the capacity buffers (dispatch_plan).")
 
     def dispatch(self, x):
         """[G, S, H] tokens -> [num_rows, H] rows."""
@@ -346,6 +468,8 @@ class TiledDispatcher(SortedDispatcher):
     capacity buffers (`tiles_pay`) on the backends that run it well
     (`tiles_supported`).
     """
+
+    layout = "tiles"
 
     def __init__(self, gates, expert_index, buffer_index, capacity,
                  tile_size, dtype=None):
@@ -382,6 +506,8 @@ class BucketDispatcher(SortedDispatcher):
     `TiledDispatcher`. Not for training: the gradient of a switch between
     branches carries every branch's intermediates.
     """
+
+    layout = "buckets"
 
     def _layout(self, groups, group_size, k, capacity):
         self.rows_bound = bound = expert_rows_bound(groups, group_size,
@@ -457,12 +583,20 @@ def tiles_pay(groups, group_size, num_experts, num_selected_experts,
 
 
 def resolve_dispatcher(implementation):
-    """'auto' -> the fastest path measured (benchmarks/dispatch_paths.py):
-    gather, on every backend. On PyTorch it was slower than einsum while
-    its experts ran tile by tile; they now run once per expert on its
-    exact rows (`expert_tiles`), and E³ S/32's inference at batch 32 took
-    1413 ms against einsum's 1868 (V-MoE S/32: 1209 vs 1239). Anything
-    else is checked and returned."""
+    """The dispatcher implementation a setting names.
+
+    Args:
+        implementation: "auto", "gather" or "einsum".
+
+    Returns:
+        "gather" for "auto" (the faster path on every backend,
+        PERFORMANCE.md), else `implementation`, checked.
+
+    Example:
+
+    >>> resolve_dispatcher("auto")
+    'gather'
+    """
     if implementation not in DISPATCHERS:
         raise ValueError(f"Unknown dispatcher {implementation!r}; expected "
                          f"one of {DISPATCHERS}.")
@@ -471,31 +605,27 @@ def resolve_dispatcher(implementation):
     return implementation
 
 
-def tiles_supported(training=False):
-    """Whether this backend runs the tiled experts well. JAX (XLA) does,
-    for inference and training. PyTorch (eager) does for inference; its
-    training step, a Python loop over tiles forward and backward, measured
-    2.4x slower than the einsum path (E³ S/32, batch 32), so it trains on
-    the buffers. TensorFlow's XLA bridge compiles the tile loop with its
-    inputs as compile-time constants, so a `jit_compile` function
-    recompiles for every new batch (measured: 0.4 s per call of a small
-    layer that takes 2 ms with the buffers), and it fails to compile the
-    tiles' custom gradient (a `literal.cc` check failure aborts the
-    process, TensorFlow 2.21); TensorFlow keeps the capacity buffers."""
+def tiles_supported(training=False, backend=None):
+    """Whether `backend` (default: Keras' backend) runs the tiled experts
+    well: JAX for inference and training, PyTorch for inference only (its
+    training step is a Python loop over tiles); TensorFlow keeps the
+    capacity buffers (its XLA bridge recompiles the tile loop for every
+    batch and cannot compile the tiles' custom gradient). Measurements in
+    PERFORMANCE.md ("Dispatch policy")."""
     import keras
 
-    backend = keras.backend.backend()
+    backend = backend or keras.backend.backend()
     return backend == "jax" or (backend == "torch" and not training)
 
 
-def buckets_supported():
-    """Whether this backend runs `BucketDispatcher` well: JAX, whose
-    compiled switch runs one branch. PyTorch's eager experts already run
-    each expert's exact rows (`TiledDispatcher` with tiles of one row);
-    TensorFlow keeps the capacity buffers (see `tiles_supported`)."""
+def buckets_supported(backend=None):
+    """Whether `backend` (default: Keras' backend) runs `BucketDispatcher`
+    well: JAX, whose compiled switch runs one branch. PyTorch's eager
+    experts already run each expert's exact rows (`TiledDispatcher` with
+    tiles of one row); TensorFlow keeps the capacity buffers."""
     import keras
 
-    return keras.backend.backend() == "jax"
+    return (backend or keras.backend.backend()) == "jax"
 
 
 def gather_layout(groups, group_size, num_experts, num_selected_experts,
@@ -512,32 +642,152 @@ def gather_layout(groups, group_size, num_experts, num_selected_experts,
     return "buffers"
 
 
+@dataclasses.dataclass(frozen=True)
+class DispatchPlan:
+    """What `dispatch_plan` decided: the `layout` (one of `LAYOUTS`), and
+    the tile size and row buckets the conditions allow (None / False where
+    they do not; the layout uses them only where they pay)."""
+
+    layout: str
+    tile_size: int = None
+    row_buckets: bool = False
+
+
+def dispatch_plan(router="top_k", implementation="auto", groups=None,
+                  group_size=None, num_experts=None, num_selected_experts=1,
+                  capacity=None, training=False, inspect=False,
+                  distributed=False, expert_dropout=False,
+                  tile_size=TILE_SIZE, row_buckets=True, backend=None):
+    """The dispatch policy: the one function that decides how a MoE layer's
+    tokens reach its experts.
+
+    Args:
+        router: "top_k", "experts_choice" or "soft".
+        implementation: the layer's `dispatcher` setting ("auto", "gather"
+            or "einsum").
+        groups, group_size, num_experts, num_selected_experts, capacity:
+            the shapes (G, S, E, K, C); `groups` None or symbolic: unknown
+            (then no layout that depends on it).
+        training: a training call.
+        inspect: the routing intermediates are asked for
+            (`return_routing`): the capacity buffers.
+        distributed: a `keras.distribution` is active (its expert-parallel
+            layouts shard the capacity buffers).
+        expert_dropout: the experts have dropout (no tiles in training).
+        tile_size: rows per tile for the tiled layout (0/None: none).
+        row_buckets: allow the bucketed layout for inference.
+        backend: "jax", "tensorflow" or "torch" (default: Keras' backend).
+
+    Returns:
+        A `DispatchPlan`: the `layout` ("einsum", "buffers", "tiles",
+        "buckets" or "soft") and the tile size / row buckets allowed.
+
+    Example:
+
+    >>> dispatch_plan("top_k", "auto", 4, 400, 8, 1, 76, backend="jax").layout
+    'buckets'
+    >>> dispatch_plan("top_k", "auto", 4, 400, 8, 1, 76,
+    ...               backend="tensorflow").layout
+    'buffers'
+    >>> dispatch_plan("experts_choice", "auto", distributed=True).layout
+    'einsum'
+    """
+    if router == "soft":  # dispatch and combine are the algorithm's matmuls
+        return DispatchPlan("soft")
+    implementation = resolve_dispatcher(implementation)
+    if router == "experts_choice":
+        # Under a distribution: the einsum path's expert-parallel layouts.
+        if distributed or implementation == "einsum":
+            return DispatchPlan("einsum")
+        return DispatchPlan("buffers")
+    plain = not inspect and not distributed
+    tiles = tile_size if (plain and tile_size
+                          and not (training and expert_dropout)
+                          and tiles_supported(training, backend)) else None
+    buckets = bool(plain and row_buckets and not training
+                   and buckets_supported(backend))
+    if implementation == "einsum":
+        return DispatchPlan("einsum", tiles, buckets)
+    layout = gather_layout(groups, group_size, num_experts,
+                           num_selected_experts, capacity, tiles, buckets)
+    return DispatchPlan(layout, tiles, buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchOptions:
+    """What a router's `route` needs besides the tokens: the `capacity`
+    (slots per expert and group), the `layout` `dispatch_plan` chose, and
+    `batch_priority`, `dtype` (of the data movements), `tile_size` (the
+    tiled layout's) and `inspect` (statistics for inspection, e.g. Soft
+    MoE's similarities)."""
+
+    capacity: int
+    layout: str = "einsum"
+    batch_priority: bool = False
+    dtype: str = None
+    tile_size: int = None
+    inspect: bool = False
+
+
 def make_dispatcher(gates, num_selected_experts, capacity,
                     batch_priority=False, valid=None, implementation="einsum",
                     dtype=None, tile_size=None, row_buckets=False):
-    """Routes `gates` [G, S, E] and returns a dispatcher for the experts.
+    """Routes `gates` [G, S, E] top-K and returns a dispatcher for the
+    experts (shapes alone decide the gather layout: `gather_layout`).
 
-    With the gather path: `row_buckets=True` (for inference) runs the
-    experts on each expert's rows at a few static sizes
-    (`BucketDispatcher`) where that saves rows (`buckets_pay`); else
-    `tile_size` lays the kept tokens out in tiles of this many rows sorted
-    by expert (`TiledDispatcher`) when that stores fewer rows than the
-    capacity buffers (`tiles_pay`); None or 0 keeps the capacity buffers.
+    Args:
+        gates: [G, S, E] routing weights.
+        num_selected_experts: K.
+        capacity: C, slots per expert and group.
+        batch_priority: batch-prioritized routing.
+        valid: optional [G, S] mask of real tokens.
+        implementation: "einsum", "gather" or "auto".
+        dtype: dtype of the data movements (e.g. "bfloat16").
+        tile_size: the tiled layout's rows per tile where it pays.
+        row_buckets: the bucketed layout where it pays (inference only).
+
+    Returns:
+        A `Dispatcher`.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers import make_dispatcher
+
+    gates = np.full((1, 4, 2), 0.5, "float32")
+    dispatcher = make_dispatcher(gates, 1, capacity=2)
+    dispatcher.dispatch(np.ones((1, 4, 3), "float32")).shape  # (2, 2, 3)
+    ```
     """
     implementation = resolve_dispatcher(implementation)
-    expert_index, buffer_index = top_experts_per_item(
-        gates, num_selected_experts, batch_priority, valid)
+    layout = "einsum"
     if implementation == "gather":
         layout = gather_layout(*gates.shape, num_selected_experts, capacity,
                                tile_size, row_buckets)
-        if layout == "buckets":
-            return BucketDispatcher(gates, expert_index, buffer_index,
-                                    capacity, dtype=dtype)
-        if layout == "tiles":
-            return TiledDispatcher(gates, expert_index, buffer_index,
-                                   capacity, tile_size, dtype=dtype)
+    return top_k_dispatcher(gates, num_selected_experts, capacity, layout,
+                            batch_priority, valid, dtype, tile_size)
+
+
+def top_k_dispatcher(gates, num_selected_experts, capacity, layout,
+                     batch_priority=False, valid=None, dtype=None,
+                     tile_size=None):
+    """The top-K `Dispatcher` of `layout` ("einsum", "buffers", "tiles" or
+    "buckets", as `dispatch_plan` names it) for `gates` [G, S, E]."""
+    expert_index, buffer_index = top_experts_per_item(
+        gates, num_selected_experts, batch_priority, valid)
+    if layout == "buckets":
+        return BucketDispatcher(gates, expert_index, buffer_index,
+                                capacity, dtype=dtype)
+    if layout == "tiles":
+        return TiledDispatcher(gates, expert_index, buffer_index,
+                               capacity, tile_size, dtype=dtype)
+    if layout == "buffers":
         return GatherDispatcher(gates, expert_index, buffer_index, capacity,
                                 dtype=dtype)
+    if layout != "einsum":
+        raise ValueError(f"Unknown top-K layout {layout!r}; expected one of "
+                         f"{LAYOUTS[:4]}.")
     num_experts = gates.shape[-1]
     # [G, S, K] -> [G, S, E]: the buffer slot of each token at each expert
     # (-1 where the expert was not selected).
@@ -546,4 +796,5 @@ def make_dispatcher(gates, num_selected_experts, capacity,
     dispatch_mask = ops.equal(slot[..., None],
                               ops.arange(capacity, dtype="int32"))
     combine_weights = gates[..., None] * ops.cast(dispatch_mask, gates.dtype)
-    return EinsumDispatcher(combine_weights, dispatch_mask, dtype=dtype)
+    return EinsumDispatcher(combine_weights, dispatch_mask, dtype=dtype,
+                            gates=gates)

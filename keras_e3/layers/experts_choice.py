@@ -7,9 +7,11 @@ experts, C capacity (tokens taken per expert and group).
 
 `top_items_per_expert` selects; `ExpertsChoiceGatherDispatcher` moves the
 tokens with index gathers and scatter-adds (no [G, S, E, C] tensor), and
-`make_experts_choice_dispatcher` falls back to the einsum reference
-(`EinsumDispatcher` on the dense one-hot tensors) where asked, as
-`make_dispatcher` does for top-K.
+`make_experts_choice_dispatcher` builds the einsum reference
+(`EinsumDispatcher` on the dense one-hot tensors) where the layout
+(`dispatch_plan`) is "einsum". `ExpertsChoiceRouter.route` returns the
+dispatcher and its metrics (the router contract of
+`keras_e3.layers.dispatch`).
 """
 
 import math
@@ -17,6 +19,7 @@ import math
 import keras
 from keras import ops
 
+from keras_e3.layers.dispatch import DispatchOptions
 from keras_e3.layers.dispatch import Dispatcher
 from keras_e3.layers.dispatch import EinsumDispatcher
 from keras_e3.layers.dispatch import expert_buffers
@@ -117,6 +120,8 @@ class ExpertsChoiceGatherDispatcher(Dispatcher):
     `combine_weights` of the einsum reference are computed only when asked
     for (`compute_intermediates`)."""
 
+    layout = "buffers"
+
     def __init__(self, gates, token_index, token_gate, taken, dtype=None):
         self.gates = gates
         self.token_index = token_index  # [G, E, C]
@@ -169,8 +174,30 @@ def dense_combine_weights(gates, dispatch_mask):
 
 def make_experts_choice_dispatcher(gates, capacity, valid=None,
                                    implementation="einsum", dtype=None):
-    """Routes `gates` [G, S, E] Experts Choice style; returns the
-    dispatcher and its metrics (`experts_choice_metrics`)."""
+    """Routes `gates` [G, S, E] Experts Choice style.
+
+    Args:
+        gates: [G, S, E] routing weights.
+        capacity: C, tokens each expert takes per group (<= S).
+        valid: optional [G, S] mask of real tokens.
+        implementation: "einsum", "gather" or "auto".
+        dtype: dtype of the data movements.
+
+    Returns:
+        (dispatcher, metrics): a `Dispatcher` and `experts_choice_metrics`.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers.experts_choice import make_experts_choice_dispatcher
+
+    gates = np.random.default_rng(0).dirichlet(np.ones(4), (2, 8))
+    dispatcher, metrics = make_experts_choice_dispatcher(
+        gates.astype("float32"), capacity=2, implementation="gather")
+    dispatcher.dispatch(np.ones((2, 8, 3), "float32")).shape  # (4, 4, 3)
+    ```
+    """
     implementation = resolve_dispatcher(implementation)
     group_size, num_experts = gates.shape[1:]
     if capacity > group_size:
@@ -187,7 +214,7 @@ def make_experts_choice_dispatcher(gates, capacity, valid=None,
             gates, token_index, token_gate, taken, dtype=dtype), metrics
     mask = dense_dispatch_mask(token_index, taken, group_size)
     return EinsumDispatcher(dense_combine_weights(gates, mask), mask,
-                            dtype=dtype), metrics
+                            dtype=dtype, gates=gates), metrics
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
@@ -198,7 +225,21 @@ class ExpertsChoiceRouter(keras.layers.Layer):
     logits first, as vmoe. No auxiliary loss.
 
     `call(x, valid=None, training=None)` takes x [G, S, H] and returns
-    gates [G, S, E]; the selection is `make_experts_choice_dispatcher`'s.
+    gates [G, S, E]; `route` (the router contract) returns the dispatcher
+    of the selection (`make_experts_choice_dispatcher`) and its metrics.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers.experts_choice import ExpertsChoiceRouter
+    from keras_e3.layers.dispatch import DispatchOptions
+
+    router = ExpertsChoiceRouter(4)
+    x = np.ones((2, 8, 16), "float32")
+    gates = router(x)  # [2, 8, 4]
+    dispatcher, metrics = router.route(x, options=DispatchOptions(2))
+    ```
     """
 
     def __init__(self, num_experts, noise_std=1.0,
@@ -222,6 +263,19 @@ class ExpertsChoiceRouter(keras.layers.Layer):
                 keras.random.normal(ops.shape(logits), dtype=logits.dtype,
                                     seed=self.seed_generator)
         return ops.softmax(logits, axis=-1)
+
+    def route(self, x, valid=None, training=None, options=None):
+        """The router contract: x [G, S, H] -> (dispatcher, metrics).
+
+        `options` (a `DispatchOptions`): `capacity` (C), `layout` ("einsum"
+        for the reference, else the gather buffers) and `dtype`.
+        """
+        options = options or DispatchOptions(capacity=x.shape[1])
+        gates = self(x, valid=valid, training=training)
+        implementation = "einsum" if options.layout == "einsum" else "gather"
+        return make_experts_choice_dispatcher(
+            gates, options.capacity, valid=valid,
+            implementation=implementation, dtype=options.dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -7,18 +7,15 @@ import numpy as np
 from keras import ops
 
 from keras_e3.layers.dispatch import DISPATCHERS
-from keras_e3.layers.dispatch import buckets_supported
+from keras_e3.layers.dispatch import DispatchOptions
 from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.dispatch import default_tile_size
-from keras_e3.layers.dispatch import make_dispatcher
-from keras_e3.layers.dispatch import tiles_supported
+from keras_e3.layers.dispatch import dispatch_plan
 from keras_e3.layers.experts_choice import ExpertsChoiceRouter
-from keras_e3.layers.experts_choice import make_experts_choice_dispatcher
 from keras_e3.layers.mlp import ExpertsMlp
 from keras_e3.layers.router import Router
-from keras_e3.layers.soft_moe import SoftDispatcher
 from keras_e3.layers.soft_moe import SoftRouter
-from keras_e3.layers.soft_moe import soft_moe_metrics
+from keras_e3.layers.soft_moe import soft_moe_num_slots
 
 ROUTERS = ("top_k", "experts_choice", "soft")
 # Router noise std when not given: vmoe's defaults.
@@ -95,8 +92,22 @@ def default_group_size(tokens_per_image, ensemble_size=1, router="top_k"):
 
 
 def expert_axis_size(distribution=None):
-    """How many devices the experts are split over under `distribution`
-    (default: the active one); 1 when experts are not sharded."""
+    """How many devices the experts are split over.
+
+    Args:
+        distribution: a `keras.distribution` (default: the active one).
+
+    Returns:
+        The size of the experts' mesh axis; 1 when they are not sharded.
+
+    Example:
+
+    ```python
+    from keras_e3.layers.moe import expert_axis_size
+
+    assert expert_axis_size() == 1  # no distribution active
+    ```
+    """
     distribution = distribution or keras.distribution.distribution()
     layout = None
     if isinstance(distribution, keras.distribution.ModelParallel):
@@ -109,7 +120,20 @@ def expert_axis_size(distribution=None):
 
 def check_num_experts(num_experts, distribution=None):
     """Raises a ValueError if the experts cannot be split evenly over the
-    active distribution's expert axis."""
+    distribution's expert axis.
+
+    Args:
+        num_experts: E.
+        distribution: a `keras.distribution` (default: the active one).
+
+    Example:
+
+    ```python
+    from keras_e3.layers.moe import check_num_experts
+
+    check_num_experts(8)  # fine: no distribution shards the experts
+    ```
+    """
     size = expert_axis_size(distribution)
     if num_experts and num_experts % size:
         raise ValueError(
@@ -132,30 +156,130 @@ def ungroup(rows, num_tokens, tokens, ensemble_size=1):
     return xp.reshape(flat, (-1, tokens, *trailing))
 
 
+def _runtime(default):
+    """A setting that a preset may be loaded with without changing its
+    weights (`keras_e3.presets.loader.RUNTIME_OVERRIDES`)."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeSettings:
-    """The settings of a block's `MoeMlp` (all its arguments but `mlp_dim`),
-    typed: what `E3ViTBackbone` hands to each MoE `EncoderBlock`, and what
-    the block serialises (`get_config`, a plain dict)."""
+    """The settings of a MoE block's `MoeMlp` (all its arguments but
+    `mlp_dim`), typed, with their defaults: the one place they are
+    written.
+
+    `E3ViTBackbone` resolves them once (`from_backbone(...).resolved(
+    tokens)`) and hands each MoE `EncoderBlock` a copy; `MoeMlp`, the
+    preset loader (`runtime_backbone_names`), the vmoe conversion and the
+    FLOP counter read them from here. The backbone names two of them
+    differently (`BACKBONE_NAMES`: `router_noise_std`, `moe_dropout_rate`).
+    `get_config` is the plain dict a block serialises.
+
+    Args:
+        num_experts: E.
+        group_size: token copies per routing group (None: the default of
+            `default_group_size`, resolved with the tokens per image).
+        num_selected_experts, capacity_factor, noise_std: None for the
+            router's default (`resolve_router_options`).
+        batch_priority, ensemble_size, importance_loss_weight,
+        load_loss_weight, gshard_loss_weight, dropout_rate, dispatcher,
+        dispatch_dtype, seed, router, num_slots, capacity_ceil_or_round,
+        capacity_multiple_of: as `MoeMlp`.
+
+    Example:
+
+    ```python
+    from keras_e3.layers import MoeSettings
+
+    settings = MoeSettings(num_experts=8, router="soft").resolved(50)
+    # Soft MoE: one image per group, round(50 / 8) = 6 slots per expert.
+    assert (settings.group_size, settings.capacity) == (50, 6)
+    assert MoeSettings.from_config(settings.get_config()) == settings
+    ```
+    """
 
     num_experts: int
-    group_size: int
+    group_size: int = _runtime(None)
     num_selected_experts: int = None
-    capacity_factor: float = None
-    batch_priority: bool = False
+    capacity_factor: float = _runtime(None)
+    batch_priority: bool = _runtime(False)
     ensemble_size: int = 1
-    noise_std: float = None
-    importance_loss_weight: float = 0.005
-    load_loss_weight: float = 0.005
-    gshard_loss_weight: float = 0.0
-    dropout_rate: float = 0.0
-    dispatcher: str = "auto"
-    dispatch_dtype: str = None
-    seed: int = None
+    noise_std: float = _runtime(None)
+    importance_loss_weight: float = _runtime(0.005)
+    load_loss_weight: float = _runtime(0.005)
+    gshard_loss_weight: float = _runtime(0.0)
+    dropout_rate: float = _runtime(0.0)
+    dispatcher: str = _runtime("auto")
+    dispatch_dtype: str = _runtime(None)
+    seed: int = _runtime(None)
     router: str = "top_k"
     num_slots: int = None
     capacity_ceil_or_round: str = "ceil"
     capacity_multiple_of: int = 4
+
+    # E3ViTBackbone's names for the settings it names differently.
+    BACKBONE_NAMES = {"noise_std": "router_noise_std",
+                      "dropout_rate": "moe_dropout_rate"}
+
+    @classmethod
+    def backbone_names(cls):
+        """{setting: the `E3ViTBackbone` argument that carries it}."""
+        return {f.name: cls.BACKBONE_NAMES.get(f.name, f.name)
+                for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def runtime_backbone_names(cls):
+        """The backbone arguments of the settings that leave the weights
+        as they are (a preset may be loaded with other values)."""
+        names = cls.backbone_names()
+        return frozenset(names[f.name] for f in dataclasses.fields(cls)
+                         if f.metadata.get("runtime"))
+
+    @classmethod
+    def from_backbone(cls, config):
+        """The settings among `E3ViTBackbone` arguments (a dict; the
+        others are ignored, missing ones take their defaults)."""
+        return cls(**{name: config[arg]
+                      for name, arg in cls.backbone_names().items()
+                      if arg in config})
+
+    def backbone_kwargs(self):
+        """These settings as `E3ViTBackbone` arguments."""
+        return {arg: getattr(self, name)
+                for name, arg in self.backbone_names().items()}
+
+    def resolved(self, tokens_per_image=None):
+        """The settings with the router's defaults filled in and checked
+        (`resolve_router_options`), and, given `tokens_per_image`, the
+        default routing group (`default_group_size`). Idempotent."""
+        k, capacity_factor, noise_std = resolve_router_options(
+            self.router, self.num_selected_experts, self.capacity_factor,
+            self.num_slots, self.ensemble_size, self.batch_priority,
+            self.noise_std)
+        group_size = self.group_size
+        if group_size is None and tokens_per_image is not None:
+            group_size = default_group_size(tokens_per_image,
+                                            self.ensemble_size, self.router)
+        return dataclasses.replace(
+            self, num_selected_experts=k, capacity_factor=capacity_factor,
+            noise_std=noise_std, group_size=group_size)
+
+    @property
+    def capacity(self):
+        """Slots per expert and routing group of resolved settings: vmoe's
+        `compute_capacity` for top-K (K choices a token) and Experts
+        Choice (K = 1), the slots per expert for Soft MoE (`num_slots`, or
+        round(group_size * capacity_factor / E))."""
+        if self.router == "soft" and self.num_slots is not None:
+            return self.num_slots
+        if self.router == "soft":
+            return soft_moe_num_slots(
+                self.group_size, self.num_experts, self.capacity_factor)
+        return compute_capacity(
+            self.group_size, self.num_experts,
+            self.num_selected_experts or 1, self.capacity_factor,
+            multiple_of=self.capacity_multiple_of,
+            ceil_or_round=self.capacity_ceil_or_round)
 
     @classmethod
     def from_config(cls, config):
@@ -180,6 +304,9 @@ class MoeSettings:
             del config["capacity_ceil_or_round"]
             del config["capacity_multiple_of"]
         return config
+
+
+_D = MoeSettings  # the defaults of MoeMlp's arguments below
 
 
 @keras.saving.register_keras_serializable(package="keras_e3")
@@ -213,22 +340,67 @@ class MoeMlp(keras.layers.Layer):
     expert, or round(group_size * capacity_factor / E); dispatch and
     combine in bfloat16 as vmoe unless `dispatch_dtype="float32"`).
     Experts Choice and Soft MoE add no auxiliary loss.
+
+    The call is route -> dispatch -> experts -> combine for every router:
+    the router's `route` returns a `Dispatcher` and its metrics, in the
+    layout `dispatch_plan` chose (`keras_e3.layers.dispatch`).
+
+    Args:
+        num_experts: E.
+        mlp_dim: hidden size of each expert's MLP.
+        group_size: token copies per routing group.
+        num_selected_experts, capacity_factor, batch_priority,
+        ensemble_size, noise_std, importance_loss_weight, load_loss_weight,
+        gshard_loss_weight, dropout_rate, dispatcher, dispatch_dtype, seed,
+        router, num_slots, capacity_ceil_or_round, capacity_multiple_of:
+            the `MoeSettings`, with its defaults.
+        **kwargs: Keras' layer keywords (`name`, `dtype`, ...).
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers import MoeMlp
+
+    layer = MoeMlp(num_experts=4, mlp_dim=32, group_size=16,
+                   num_selected_experts=2)
+    x = np.random.default_rng(0).normal(size=(2, 8, 16)).astype("float32")
+    y, metrics = layer(x, return_metrics=True)
+    assert tuple(y.shape) == (2, 8, 16)
+    assert "importance_loss" in metrics
+    ```
     """
 
     def __init__(self, num_experts, mlp_dim, group_size,
-                 num_selected_experts=None, capacity_factor=None,
-                 batch_priority=False, ensemble_size=1, noise_std=None,
-                 importance_loss_weight=0.005, load_loss_weight=0.005,
-                 gshard_loss_weight=0.0, dropout_rate=0.0,
-                 dispatcher="auto", dispatch_dtype=None, seed=None,
-                 router="top_k", num_slots=None,
-                 capacity_ceil_or_round="ceil", capacity_multiple_of=4,
-                 **kwargs):
+                 num_selected_experts=_D.num_selected_experts,
+                 capacity_factor=_D.capacity_factor,
+                 batch_priority=_D.batch_priority,
+                 ensemble_size=_D.ensemble_size, noise_std=_D.noise_std,
+                 importance_loss_weight=_D.importance_loss_weight,
+                 load_loss_weight=_D.load_loss_weight,
+                 gshard_loss_weight=_D.gshard_loss_weight,
+                 dropout_rate=_D.dropout_rate, dispatcher=_D.dispatcher,
+                 dispatch_dtype=_D.dispatch_dtype, seed=_D.seed,
+                 router=_D.router, num_slots=_D.num_slots,
+                 capacity_ceil_or_round=_D.capacity_ceil_or_round,
+                 capacity_multiple_of=_D.capacity_multiple_of, **kwargs):
         super().__init__(**kwargs)
-        num_selected_experts, capacity_factor, noise_std = \
-            resolve_router_options(router, num_selected_experts,
-                                   capacity_factor, num_slots, ensemble_size,
-                                   batch_priority, noise_std)
+        settings = MoeSettings(
+            num_experts=num_experts, group_size=group_size,
+            num_selected_experts=num_selected_experts,
+            capacity_factor=capacity_factor, batch_priority=batch_priority,
+            ensemble_size=ensemble_size, noise_std=noise_std,
+            importance_loss_weight=importance_loss_weight,
+            load_loss_weight=load_loss_weight,
+            gshard_loss_weight=gshard_loss_weight, dropout_rate=dropout_rate,
+            dispatcher=dispatcher, dispatch_dtype=dispatch_dtype, seed=seed,
+            router=router, num_slots=num_slots,
+            capacity_ceil_or_round=capacity_ceil_or_round,
+            capacity_multiple_of=capacity_multiple_of).resolved()
+        self.settings = settings
+        num_selected_experts = settings.num_selected_experts
+        capacity_factor = settings.capacity_factor
+        noise_std = settings.noise_std
         if dispatcher not in DISPATCHERS:
             raise ValueError(f"Unknown dispatcher {dispatcher!r}; expected "
                              f"one of {DISPATCHERS}.")
@@ -262,18 +434,13 @@ class MoeMlp(keras.layers.Layer):
         self.load_loss_weight = load_loss_weight
         self.gshard_loss_weight = gshard_loss_weight
         self.seed = seed
+        self.capacity = settings.capacity
         if router == "soft":
             self.router = SoftRouter(
                 num_experts, group_size, num_slots=num_slots,
                 capacity_factor=capacity_factor, noise_std=noise_std,
                 seed=seed, dtype=self.dtype_policy, name="router")
-            self.capacity = self.router.num_slots
-        else:
-            self.capacity = compute_capacity(
-                group_size, num_experts, num_selected_experts or 1,
-                capacity_factor, multiple_of=capacity_multiple_of,
-                ceil_or_round=capacity_ceil_or_round)
-        if router == "experts_choice":
+        elif router == "experts_choice":
             if self.capacity > group_size:
                 raise ValueError(
                     f"Experts Choice capacity {self.capacity} (from "
@@ -335,89 +502,45 @@ class MoeMlp(keras.layers.Layer):
         `return_routing=True` (eager inspection): (y, routing), the metrics
         plus the gates, dispatch and combine weights and expert outputs.
         """
-        if self.router_type == "experts_choice":
-            path = self._call_experts_choice
-        elif self.router_type == "soft":
-            path = self._call_soft
-        else:
-            path = self._call_top_k
-        y, metrics, routing = path(x, training, return_routing)
+        groups, valid, num_tokens = self._to_groups(x)
+        plan = self.dispatch_plan(groups.shape[0], training, return_routing)
+        dispatcher, metrics = self.router.route(
+            groups, valid=valid, training=training,
+            options=DispatchOptions(
+                capacity=self.capacity, layout=plan.layout,
+                batch_priority=self.batch_priority, dtype=self.dispatch_dtype,
+                tile_size=plan.tile_size, inspect=bool(return_routing)))
+        expert_outputs = dispatcher.run_experts(
+            self.experts, dispatcher.dispatch(groups), training=training)
+        y = ungroup(dispatcher.combine(expert_outputs), num_tokens,
+                    x.shape[1], self.ensemble_size)
         if return_routing:
-            return y, dict(metrics, **routing)
+            return y, dict(metrics, valid=valid,
+                           expert_outputs=expert_outputs,
+                           **dispatcher.routing())
         return (y, metrics) if return_metrics else y
 
-    def _call_top_k(self, x, training, return_routing):
-        groups, valid, num_tokens = self._to_groups(x)
-        gates, metrics = self.router(groups, valid=valid, training=training)
-        dispatcher = make_dispatcher(
-            gates, self.num_selected_experts, self.capacity,
-            batch_priority=self.batch_priority, valid=valid,
-            implementation=self.dispatcher, dtype=self.dispatch_dtype,
-            tile_size=self.expert_tile_size(training, return_routing),
-            row_buckets=self.expert_row_buckets(training, return_routing))
-        expert_outputs = dispatcher.run_experts(
-            self.experts, dispatcher.dispatch(groups), training=training)
-        y = dispatcher.combine(expert_outputs)
-        y = ungroup(y, num_tokens, x.shape[1], self.ensemble_size)
-        return y, metrics, _dispatch_routing(return_routing, gates, valid,
-                                             dispatcher, expert_outputs)
-
-    def _call_experts_choice(self, x, training, return_routing):
-        groups, valid, num_tokens = self._to_groups(x)
-        gates = self.router(groups, valid=valid, training=training)
-        implementation = self.dispatcher
-        if keras.distribution.distribution():
-            implementation = "einsum"  # the expert-parallel layouts
-        dispatcher, metrics = make_experts_choice_dispatcher(
-            gates, self.capacity, valid=valid, implementation=implementation,
-            dtype=self.dispatch_dtype)
-        expert_outputs = dispatcher.run_experts(
-            self.experts, dispatcher.dispatch(groups), training=training)
-        y = ungroup(dispatcher.combine(expert_outputs), num_tokens, x.shape[1],
-                    self.ensemble_size)
-        return y, metrics, _dispatch_routing(return_routing, gates, valid,
-                                             dispatcher, expert_outputs)
-
-    def _call_soft(self, x, training, return_routing):
-        groups, valid, num_tokens = self._to_groups(x)
-        dispatch, combine, mu = self.router(groups, valid=valid,
-                                            training=training)
-        dtype = self.dispatch_dtype or "bfloat16"
-        dispatcher = SoftDispatcher(dispatch, combine, dtype=dtype)
-        expert_outputs = self.experts(dispatcher.dispatch(groups),
-                                      training=training)
-        y = ungroup(dispatcher.combine(expert_outputs), num_tokens, x.shape[1],
-                    self.ensemble_size)
-        # The token-similarity statistics are [G, S, S]: only for inspection.
-        metrics = soft_moe_metrics(dispatch, combine, mu,
-                                   similarity=bool(return_routing))
-        routing = {}
-        if return_routing:
-            routing = dict(valid=valid, expert_outputs=expert_outputs,
-                           dispatch_weights=dispatch, combine_weights=combine)
-        return y, metrics, routing
+    def dispatch_plan(self, groups=None, training=None, return_routing=False):
+        """This layer's `dispatch_plan` for a call on `groups` routing
+        groups (None: unknown) under the active distribution."""
+        return dispatch_plan(
+            self.router_type, self.dispatcher, groups, self.group_size,
+            self.num_experts, self.num_selected_experts or 1, self.capacity,
+            training=bool(training), inspect=bool(return_routing),
+            distributed=bool(keras.distribution.distribution()),
+            expert_dropout=bool(self.dropout_rate), tile_size=self.tile_size,
+            row_buckets=self.row_buckets)
 
     def expert_tile_size(self, training=None, return_routing=False):
-        """Tiles for the gather path's experts (`TiledDispatcher`, used where
-        they store fewer rows: `tiles_pay`), or None for the capacity
-        buffers, which the routing intermediates, the expert-parallel
-        layouts, the experts' dropout and some backends (`tiles_supported`)
-        need."""
-        if (return_routing or keras.distribution.distribution()
-                or (training and self.dropout_rate)
-                or not tiles_supported(training)):
-            return None
-        return self.tile_size
+        """The tile size `dispatch_plan` allows the gather path's experts
+        (`TiledDispatcher`, used where tiles pay), or None for the capacity
+        buffers."""
+        return self.dispatch_plan(None, training, return_routing).tile_size
 
     def expert_row_buckets(self, training=None, return_routing=False):
-        """Whether the gather path's experts run at a few static row counts
-        (`BucketDispatcher`, used where that saves rows: `buckets_pay`):
-        for inference, without the routing intermediates or an
-        expert-parallel layout, on the backends that run it well
-        (`buckets_supported`)."""
-        return bool(self.row_buckets and not training and not return_routing
-                    and not keras.distribution.distribution()
-                    and buckets_supported())
+        """Whether `dispatch_plan` allows the bucketed experts
+        (`BucketDispatcher`, used where buckets pay)."""
+        return self.dispatch_plan(None, training, return_routing).row_buckets
 
     def compute_output_spec(self, x, training=None, return_routing=False,
                             return_metrics=False):
@@ -428,33 +551,6 @@ class MoeMlp(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            num_experts=self.num_experts, mlp_dim=self.mlp_dim,
-            group_size=self.group_size,
-            num_selected_experts=self.num_selected_experts,
-            capacity_factor=self.capacity_factor,
-            batch_priority=self.batch_priority,
-            ensemble_size=self.ensemble_size, noise_std=self.noise_std,
-            importance_loss_weight=self.importance_loss_weight,
-            load_loss_weight=self.load_loss_weight,
-            gshard_loss_weight=self.gshard_loss_weight,
-            dropout_rate=self.dropout_rate, dispatcher=self.dispatcher,
-            dispatch_dtype=self.dispatch_dtype, seed=self.seed)
-        if self.router_type != "top_k":
-            config.update(router=self.router_type, num_slots=self.num_slots)
-        if (self.capacity_ceil_or_round, self.capacity_multiple_of) != (
-                "ceil", 4):
-            config.update(capacity_ceil_or_round=self.capacity_ceil_or_round,
-                          capacity_multiple_of=self.capacity_multiple_of)
+        config.update(mlp_dim=self.mlp_dim, **self.settings.get_config())
         return config
 
-
-def _dispatch_routing(return_routing, gates, valid, dispatcher,
-                      expert_outputs):
-    """The routing intermediates of the dispatching routers (top-K and
-    Experts Choice), when asked for."""
-    if not return_routing:
-        return {}
-    return dict(gates=gates, valid=valid, expert_outputs=expert_outputs,
-                combine_weights=dispatcher.combine_weights,
-                dispatch_mask=dispatcher.dispatch_mask)

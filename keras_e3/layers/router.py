@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_e3.layers.dispatch import DispatchOptions
+from keras_e3.layers.dispatch import top_k_dispatcher
 from keras_e3.layers.portable_ops import one_hot
 
 
@@ -93,6 +95,32 @@ class Router(keras.layers.Layer):
     [G, M]. The weighted mean auxiliary loss is added with `add_loss`; the
     metrics travel up as return values (`MoeMlp(..., return_metrics=True)`,
     the backbone's `return_router_metrics`), never as layer state.
+    `route` (the router contract of `keras_e3.layers.dispatch`) returns
+    (a `Dispatcher` of these gates, metrics).
+
+    Args:
+        num_experts: E.
+        num_selected_experts: K, experts per token copy (<= E / M).
+        ensemble_size: M, the E³ members (1: V-MoE).
+        noise_std: training noise, std noise_std / (E / M) on the logits.
+        importance_loss_weight, load_loss_weight, gshard_loss_weight:
+            weights of the auxiliary losses in the added loss.
+        kernel_initializer: the [H, E] (or [H, M, E/M]) kernel's.
+        seed: seed of the noise.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers import Router
+    from keras_e3.layers.dispatch import DispatchOptions
+
+    router = Router(num_experts=4, num_selected_experts=2)
+    x = np.ones((2, 8, 16), "float32")
+    gates, metrics = router(x)  # [2, 8, 4], {"importance_loss": [2, 1], ...}
+    dispatcher, metrics = router.route(
+        x, options=DispatchOptions(capacity=4, layout="buffers"))
+    ```
     """
 
     def __init__(self, num_experts, num_selected_experts=1, ensemble_size=1,
@@ -175,6 +203,20 @@ class Router(keras.layers.Layer):
             gates = gates[:, :, :, None, :] * eye
         gates = ops.reshape(gates, (-1, group_size, self.num_experts))
         return gates, metrics
+
+    def route(self, x, valid=None, training=None, options=None):
+        """The router contract: x [G, S, H] -> (dispatcher, metrics).
+
+        `options` (a `DispatchOptions`): `capacity`, `layout` (as
+        `dispatch_plan` names it), `batch_priority`, `dtype`, `tile_size`.
+        """
+        options = options or DispatchOptions(capacity=x.shape[1])
+        gates, metrics = self(x, valid=valid, training=training)
+        dispatcher = top_k_dispatcher(
+            gates, self.num_selected_experts, options.capacity,
+            options.layout, batch_priority=options.batch_priority,
+            valid=valid, dtype=options.dtype, tile_size=options.tile_size)
+        return dispatcher, metrics
 
     def get_config(self):
         config = super().get_config()

@@ -10,6 +10,7 @@ expert.
 import keras
 from keras import ops
 
+from keras_e3.layers.dispatch import DispatchOptions
 from keras_e3.layers.dispatch import Dispatcher
 from keras_e3.layers.dispatch import compute_capacity
 
@@ -105,6 +106,8 @@ class SoftDispatcher(Dispatcher):
     1e-4 on the logits of the fixtures).
     """
 
+    layout = "soft"
+
     def __init__(self, dispatch_weights, combine_weights, dtype="bfloat16"):
         self.dispatch_weights = dispatch_weights
         self.combine_weights = combine_weights
@@ -137,6 +140,11 @@ class SoftDispatcher(Dispatcher):
         weights = ops.reshape(self.combine_weights, (-1, s, n * p))
         return ops.cast(ops.matmul(weights, y), dtype)  # [G, S, H]
 
+    def routing(self):
+        """The `dispatch_weights` and `combine_weights` [G, S, E, P]."""
+        return dict(dispatch_weights=self.dispatch_weights,
+                    combine_weights=self.combine_weights)
+
 
 @keras.saving.register_keras_serializable(package="keras_e3")
 class SoftRouter(keras.layers.Layer):
@@ -152,6 +160,20 @@ class SoftRouter(keras.layers.Layer):
     E*P slots. No auxiliary loss.
 
     P is `num_slots`, or `round(group_size * capacity_factor / E)`.
+
+    `call` returns (dispatch [G, S, E, P], combine [G, S, E, P], mu);
+    `route` (the router contract) returns (a `SoftDispatcher`, metrics).
+
+    Example:
+
+    ```python
+    import numpy as np
+    from keras_e3.layers.soft_moe import SoftRouter
+
+    router = SoftRouter(num_experts=4, group_size=8, num_slots=2)
+    dispatcher, metrics = router.route(np.ones((2, 8, 16), "float32"))
+    dispatcher.dispatch(np.ones((2, 8, 16), "float32")).shape  # (4, 4, 16)
+    ```
     """
 
     def __init__(self, num_experts, group_size, num_slots=None,
@@ -209,6 +231,22 @@ class SoftRouter(keras.layers.Layer):
                                ops.full_like(logits, -1e9))
         dispatch = ops.softmax(logits, axis=1)
         return dispatch, combine, mu
+
+    def route(self, x, valid=None, training=None, options=None):
+        """The router contract: x [G, S, H] -> (dispatcher, metrics).
+
+        `options.dtype` rounds the data movements (default bfloat16, as
+        vmoe; "float32": no rounding); `options.inspect` adds the token
+        and slot similarity statistics ([G, S, S] intermediates).
+        """
+        options = options or DispatchOptions(capacity=self.num_slots,
+                                             layout="soft")
+        dispatch, combine, mu = self(x, valid=valid, training=training)
+        dispatcher = SoftDispatcher(dispatch, combine,
+                                    dtype=options.dtype or "bfloat16")
+        metrics = soft_moe_metrics(dispatch, combine, mu,
+                                   similarity=bool(options.inspect))
+        return dispatcher, metrics
 
     def get_config(self):
         config = super().get_config()
