@@ -112,12 +112,7 @@ def expert_parallel(batch=None, expert=None, devices=None):
     with distribution.expert_parallel(batch=1).scope():
         import keras_e3
 
-        backbone = keras_e3.E3ViTBackbone(
-            image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
-            mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
-            ensemble_size=2, group_size=10)
-        model = keras_e3.E3ViT(backbone, num_classes=3,
-                               preprocessor=keras_e3.ImageConverter(image_size=16))
+        model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
         model.predict(np.zeros((2, 16, 16, 3), np.uint8), verbose=0).shape
     ```
     """
@@ -200,12 +195,7 @@ def variable_shardings(model):
     with distribution.expert_parallel(batch=1).scope():
         import keras_e3
 
-        backbone = keras_e3.E3ViTBackbone(
-            image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
-            mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
-            ensemble_size=2, group_size=10)
-        model = keras_e3.E3ViT(backbone, num_classes=3,
-                               preprocessor=keras_e3.ImageConverter(image_size=16))
+        model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
     specs = distribution.variable_shardings(model)
     specs["encoderblock_1/moe/experts/kernel_0"]  # ("expert", None, None)
     ```
@@ -245,12 +235,7 @@ def parameter_bytes_per_device(model, distribution=None):
     ```python
     import keras_e3
 
-    backbone = keras_e3.E3ViTBackbone(
-        image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
-        mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
-        ensemble_size=2, group_size=10)
-    model = keras_e3.E3ViT(backbone, num_classes=3,
-                           preprocessor=keras_e3.ImageConverter(image_size=16))
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
 
     from keras_e3 import distribution
 

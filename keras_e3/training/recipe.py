@@ -161,12 +161,7 @@ def expert_layers(model):
     ```python
     import keras_e3
 
-    backbone = keras_e3.E3ViTBackbone(
-        image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
-        mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
-        ensemble_size=2, group_size=10)
-    model = keras_e3.E3ViT(backbone, num_classes=3,
-                           preprocessor=keras_e3.ImageConverter(image_size=16))
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
 
     from keras_e3 import training
 
@@ -201,12 +196,7 @@ def freeze(model, train="head"):
     ```python
     import keras_e3
 
-    backbone = keras_e3.E3ViTBackbone(
-        image_size=16, patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
-        mlp_dim=32, num_experts=4, moe_layers=(1,), num_selected_experts=1,
-        ensemble_size=2, group_size=10)
-    model = keras_e3.E3ViT(backbone, num_classes=3,
-                           preprocessor=keras_e3.ImageConverter(image_size=16))
+    model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
 
     from keras_e3 import training
 
