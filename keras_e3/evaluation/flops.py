@@ -40,26 +40,15 @@ groups per image); ``batch_size=n`` counts the groups a batch of n images
 really uses (the last one padded to ``group_size``), divided by n.
 """
 
-import inspect
 import math
 
-from keras_e3.layers.dispatch import compute_capacity
 from keras_e3.layers.embedding import as_pair
-from keras_e3.layers.moe import default_group_size
-from keras_e3.layers.moe import resolve_router_options
-from keras_e3.layers.soft_moe import soft_moe_num_slots
-from keras_e3.models.backbone import E3ViTBackbone
+from keras_e3.models.backbone import backbone_settings
 from keras_e3.models.backbone import validate_config
 
 BREAKDOWN = ("embedding", "attention", "mlp", "router", "moe_experts",
              "dispatch", "head")
 EXPERT_TOKENS = ("capacity", "routed")
-
-
-def _backbone_defaults():
-    params = inspect.signature(E3ViTBackbone.__init__).parameters
-    return {k: p.default for k, p in params.items()
-            if k not in ("self", "kwargs")}
 
 
 def count_flops_from_config(num_classes=None, batch_size=None,
@@ -73,22 +62,34 @@ def count_flops_from_config(num_classes=None, batch_size=None,
         batch_size, expert_tokens, include_dispatch: see the module doc.
         **backbone_kwargs: `E3ViTBackbone` arguments (unknown names raise).
 
-    Returns a dict: "params" (int), "macs" and "flops" per image,
-    "breakdown" (MACs per part, see `BREAKDOWN`; "dispatch" is always
-    reported), "tokens" (T), "ensemble_size" and "expert_slots" (expert
-    buffer slots per image and MoE layer).
+    Returns:
+        A dict: "params" (int), "macs" and "flops" per image, "breakdown"
+        (MACs per part, see `BREAKDOWN`; "dispatch" is always reported),
+        "tokens" (T), "ensemble_size" and "expert_slots" (expert buffer
+        slots per image and MoE layer).
+
+    The defaults and the MoE rules (router defaults, routing group,
+    capacity) are the backbone's own: `backbone_settings` and
+    `MoeSettings`, nothing re-derived here.
+
+    Example:
+
+    ```python
+    from keras_e3 import count_flops_from_config
+
+    counts = count_flops_from_config(
+        num_classes=10, image_size=32, patch_size=16, hidden_dim=8,
+        num_layers=1, num_heads=2, mlp_dim=16)
+    assert (counts["tokens"], counts["params"]) == (5, 6906)
+    ```
     """
-    defaults = _backbone_defaults()
-    unknown = sorted(set(backbone_kwargs) - set(defaults) - {"name",
-                                                             "trainable"})
-    if unknown:
-        raise ValueError(f"Unknown backbone arguments {unknown}.")
+    architecture, moe = backbone_settings(backbone_kwargs)
     if expert_tokens not in EXPERT_TOKENS:
         raise ValueError(f"expert_tokens must be one of {EXPERT_TOKENS}; "
                          f"got {expert_tokens!r}.")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-    cfg = dict(defaults, **backbone_kwargs)
+    cfg = architecture
     image_hw = as_pair(cfg["image_size"], "image_size")
     ph, pw = as_pair(cfg["patch_size"], "patch_size")
     if image_hw[0] % ph or image_hw[1] % pw:
@@ -98,27 +99,17 @@ def count_flops_from_config(num_classes=None, batch_size=None,
     if d % cfg["num_heads"]:
         raise ValueError(f"hidden_dim={d} is not divisible by "
                          f"num_heads={cfg['num_heads']}.")
-    moe_layers = sorted(int(i) for i in (cfg["moe_layers"] or ()))
-    e = cfg["num_experts"] if moe_layers else 0
-    router = cfg["router"]  # Experts Choice: C per expert; Soft: P slots
-    k, cfg["capacity_factor"], _ = resolve_router_options(
-        router, cfg["num_selected_experts"], cfg["capacity_factor"],
-        cfg["num_slots"], cfg["ensemble_size"], cfg["batch_priority"],
-        cfg["router_noise_std"])
-    k, m = k or 1, cfg["ensemble_size"]
+    moe_layers = cfg["moe_layers"]
+    e = moe.num_experts if moe_layers else 0
+    router = moe.router  # Experts Choice: C per expert; Soft: P slots
+    k, m = moe.num_selected_experts or 1, moe.ensemble_size
     validate_config(cfg["num_layers"], cfg["classifier"], e, moe_layers, k, m)
     patches = (image_hw[0] // ph) * (image_hw[1] // pw)
     prefix = int(cfg["classifier"] == "token")
     t = patches + prefix
-    group_size = cfg["group_size"] or default_group_size(t, m, router)
-    capacity = 0
-    if moe_layers and router == "soft":
-        capacity = cfg["num_slots"] or soft_moe_num_slots(
-            group_size, e, cfg["capacity_factor"])
-    elif moe_layers:
-        capacity = compute_capacity(
-            group_size, e, k, cfg["capacity_factor"],
-            cfg["capacity_multiple_of"], cfg["capacity_ceil_or_round"])
+    moe = moe.resolved(t)  # the routing group of t tokens per image
+    group_size = moe.group_size
+    capacity = moe.capacity if moe_layers else 0
     slots_per_group = capacity if router == "soft" else 1  # router width
     rep = cfg["representation_size"]
     qk_norm = 2 * (d // cfg["num_heads"]) if cfg["attention_qk_norm"] else 0
@@ -183,9 +174,29 @@ def count_flops(model, batch_size=None, expert_tokens="capacity",
                 include_dispatch=False):
     """Params, MACs and FLOPs per image of a model (see the module doc).
 
-    `model` is an `E3ViT`, an `E3ViTBackbone`, a `DeepEnsemble` (members
-    summed), or a backbone config dict (optionally with "num_classes").
     Only the config is read: nothing is run.
+
+    Args:
+        model: an `E3ViT`, an `E3ViTBackbone`, a `DeepEnsemble` (members
+            summed), or a backbone config dict (optionally with
+            "num_classes").
+        batch_size, expert_tokens, include_dispatch: as
+            `count_flops_from_config`.
+
+    Returns:
+        The counts dict of `count_flops_from_config`.
+
+    Example:
+
+    ```python
+    import keras_e3
+
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=16, num_layers=2,
+        num_heads=2, mlp_dim=32, num_experts=4, moe_layers=(1,))
+    counts = keras_e3.count_flops(backbone)
+    assert counts["params"] == backbone.count_params()
+    ```
     """
     options = dict(batch_size=batch_size, expert_tokens=expert_tokens,
                    include_dispatch=include_dispatch)
@@ -218,8 +229,29 @@ def _sum(counts):
 
 
 def deep_ensemble_flops(model, num_models, **options):
-    """Counts of a deep ensemble of `num_models` copies of `model` (a model
-    or config, as `count_flops`): every number times `num_models`."""
+    """Counts of a deep ensemble of `num_models` copies of `model`: every
+    number times `num_models`.
+
+    Args:
+        model: a model, config dict or counts dict (as `count_flops`).
+        num_models: copies in the ensemble (>= 1).
+        **options: `count_flops` options.
+
+    Returns:
+        A counts dict (params, macs, flops, breakdown, ensemble_size).
+
+    Example:
+
+    ```python
+    from keras_e3.evaluation.flops import count_flops_from_config
+    from keras_e3.evaluation.flops import deep_ensemble_flops
+
+    config = dict(image_size=32, patch_size=16, hidden_dim=8, num_layers=1,
+                  num_heads=2, mlp_dim=16)
+    one = count_flops_from_config(**config)
+    assert deep_ensemble_flops(config, 2)["flops"] == 2 * one["flops"]
+    ```
+    """
     if int(num_models) < 1:
         raise ValueError(f"num_models must be >= 1; got {num_models}.")
     return _sum([_as_counts(model, options)] * int(num_models))
@@ -232,5 +264,23 @@ def _as_counts(x, options):
 
 
 def flops_ratio(a, b, **options):
-    """FLOPs of `a` / FLOPs of `b`; each a model, config or counts dict."""
+    """FLOPs of `a` / FLOPs of `b`.
+
+    Args:
+        a, b: each a model, config dict or counts dict (as `count_flops`).
+        **options: `count_flops` options.
+
+    Returns:
+        The ratio, a float.
+
+    Example:
+
+    ```python
+    from keras_e3.evaluation.flops import flops_ratio
+
+    small = dict(image_size=32, patch_size=16, hidden_dim=8, num_layers=1,
+                 num_heads=2, mlp_dim=16)
+    assert flops_ratio(dict(small, num_layers=2), small) > 1.0
+    ```
+    """
     return _as_counts(a, options)["flops"] / _as_counts(b, options)["flops"]

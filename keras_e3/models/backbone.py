@@ -11,9 +11,7 @@ from keras_e3.layers.encoder_block import EncoderBlock
 from keras_e3.layers.ensemble import EnsembleTile
 from keras_e3.layers.map_head import MapHead
 from keras_e3.layers.moe import check_num_experts
-from keras_e3.layers.moe import default_group_size
 from keras_e3.layers.moe import MoeSettings
-from keras_e3.layers.moe import resolve_router_options
 from keras_e3.layers.router import check_experts
 from keras_e3.models.preset_mixin import PresetMixin
 
@@ -34,6 +32,58 @@ KEYWORD_HINTS = {
     "include_rescaling": ("preprocessor=keras_e3.ImageConverter(...) on "
                           "the E3ViT task"),
 }
+
+
+# The backbone's architecture settings and their defaults, written once:
+# `E3ViTBackbone`'s signature reads them, and so does `backbone_settings`
+# (the FLOP counter's way to a full config without building a model). The
+# MoE settings' defaults are `MoeSettings`'s, but for `num_experts` (0: a
+# dense ViT).
+ARCHITECTURE_DEFAULTS = dict(
+    image_size=224, patch_size=32, num_channels=3, hidden_dim=512,
+    num_layers=8, num_heads=8, mlp_dim=2048, dropout_rate=0.0,
+    attention_dropout_rate=0.0, classifier="token", representation_size=None,
+    position_embedding="learned", sincos2d_temperature=10000.0,
+    attention_qk_norm=False, num_experts=0, moe_layers=())
+_A = ARCHITECTURE_DEFAULTS
+_M = MoeSettings
+
+
+def backbone_settings(config):
+    """A full backbone config from some of its arguments, resolved as
+    `E3ViTBackbone` resolves it, without building anything.
+
+    Args:
+        config: a dict of `E3ViTBackbone` arguments (`name`, `trainable`
+            and `dtype` are ignored; unknown names raise a ValueError).
+
+    Returns:
+        (architecture, moe): the architecture settings with their defaults
+        (`ARCHITECTURE_DEFAULTS`, `moe_layers` a sorted list), and the
+        `MoeSettings` with the router's defaults resolved (`group_size`
+        still None where it was not given: it depends on the tokens per
+        image).
+
+    Example:
+
+    >>> architecture, moe = backbone_settings({"num_experts": 8,
+    ...                                        "moe_layers": [1, 3]})
+    >>> architecture["hidden_dim"], moe.num_selected_experts
+    (512, 1)
+    """
+    config = {k: v for k, v in config.items()
+              if k not in ("name", "trainable", "dtype")}
+    moe_names = set(MoeSettings.backbone_names().values())
+    unknown = sorted(set(config) - set(ARCHITECTURE_DEFAULTS) - moe_names)
+    if unknown:
+        raise ValueError(f"Unknown backbone arguments {unknown}.")
+    architecture = {k: config.get(k, v)
+                    for k, v in ARCHITECTURE_DEFAULTS.items()}
+    architecture["moe_layers"] = sorted(
+        int(i) for i in (architecture["moe_layers"] or ()))
+    moe = MoeSettings.from_backbone(
+        dict(config, num_experts=architecture["num_experts"])).resolved()
+    return architecture, moe
 
 
 def check_keywords(cls_name, kwargs):
@@ -112,31 +162,72 @@ class E3ViTBackbone(PresetMixin, keras.Model):
     Outputs a dict: `sequence_output` [B*M, T, hidden_dim] (after the final
     LayerNorm) and `pooled_output` [B*M, D] (pooled, then pre-logits), with
     row b*M + m for member m of image b (M = 1 for ViT and V-MoE).
+
+    The MoE arguments are resolved once into a `MoeSettings`
+    (`moe_settings`, the one each MoE block gets); their defaults are
+    `MoeSettings`'s.
+
+    Example:
+
+    ```python
+    import numpy as np
+    import keras_e3
+
+    # A tiny E³: 4 experts in block 1, two members of 2 experts each.
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=16, num_layers=2,
+        num_heads=2, mlp_dim=32, num_experts=4, moe_layers=(1,),
+        ensemble_size=2)
+    out = backbone(np.zeros((3, 16, 16, 3), "float32"))
+    assert tuple(out["pooled_output"].shape) == (6, 16)  # [B*M, D]
+    assert backbone.moe_settings.group_size == 8 * 5 * 2  # 8 images
+    ```
     """
 
-    def __init__(self, image_size=224, patch_size=32, num_channels=3,
-                 hidden_dim=512, num_layers=8, num_heads=8, mlp_dim=2048,
-                 dropout_rate=0.0, attention_dropout_rate=0.0,
-                 classifier="token", representation_size=None,
-                 position_embedding="learned", sincos2d_temperature=10000.0,
-                 attention_qk_norm=False, num_experts=0, moe_layers=(),
-                 num_selected_experts=None, ensemble_size=1,
-                 capacity_factor=None, group_size=None,
-                 batch_priority=False, router_noise_std=None,
-                 importance_loss_weight=0.005, load_loss_weight=0.005,
-                 gshard_loss_weight=0.0, moe_dropout_rate=0.0,
-                 dispatcher="auto", dispatch_dtype=None, seed=None,
-                 router="top_k", num_slots=None,
-                 capacity_ceil_or_round="ceil", capacity_multiple_of=4,
+    def __init__(self, image_size=_A["image_size"],
+                 patch_size=_A["patch_size"],
+                 num_channels=_A["num_channels"],
+                 hidden_dim=_A["hidden_dim"], num_layers=_A["num_layers"],
+                 num_heads=_A["num_heads"], mlp_dim=_A["mlp_dim"],
+                 dropout_rate=_A["dropout_rate"],
+                 attention_dropout_rate=_A["attention_dropout_rate"],
+                 classifier=_A["classifier"],
+                 representation_size=_A["representation_size"],
+                 position_embedding=_A["position_embedding"],
+                 sincos2d_temperature=_A["sincos2d_temperature"],
+                 attention_qk_norm=_A["attention_qk_norm"],
+                 num_experts=_A["num_experts"], moe_layers=_A["moe_layers"],
+                 num_selected_experts=_M.num_selected_experts,
+                 ensemble_size=_M.ensemble_size,
+                 capacity_factor=_M.capacity_factor,
+                 group_size=_M.group_size, batch_priority=_M.batch_priority,
+                 router_noise_std=_M.noise_std,
+                 importance_loss_weight=_M.importance_loss_weight,
+                 load_loss_weight=_M.load_loss_weight,
+                 gshard_loss_weight=_M.gshard_loss_weight,
+                 moe_dropout_rate=_M.dropout_rate,
+                 dispatcher=_M.dispatcher, dispatch_dtype=_M.dispatch_dtype,
+                 seed=_M.seed, router=_M.router, num_slots=_M.num_slots,
+                 capacity_ceil_or_round=_M.capacity_ceil_or_round,
+                 capacity_multiple_of=_M.capacity_multiple_of,
                  dtype=None, **kwargs):
         check_keywords(type(self).__name__, kwargs)
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
-        num_selected_experts, capacity_factor, router_noise_std = \
-            resolve_router_options(router, num_selected_experts,
-                                   capacity_factor, num_slots, ensemble_size,
-                                   batch_priority, router_noise_std)
+        moe = MoeSettings(
+            num_experts=num_experts, group_size=group_size,
+            num_selected_experts=num_selected_experts,
+            capacity_factor=capacity_factor, batch_priority=batch_priority,
+            ensemble_size=ensemble_size, noise_std=router_noise_std,
+            importance_loss_weight=importance_loss_weight,
+            load_loss_weight=load_loss_weight,
+            gshard_loss_weight=gshard_loss_weight,
+            dropout_rate=moe_dropout_rate, dispatcher=dispatcher,
+            dispatch_dtype=dispatch_dtype, seed=seed, router=router,
+            num_slots=num_slots,
+            capacity_ceil_or_round=capacity_ceil_or_round,
+            capacity_multiple_of=capacity_multiple_of).resolved()
         validate_config(num_layers, classifier, num_experts, moe_layers,
-                        num_selected_experts or 1, ensemble_size)
+                        moe.num_selected_experts or 1, ensemble_size)
         if moe_layers:  # experts split evenly over a distribution's devices
             check_num_experts(num_experts)
         # === Layers ===
@@ -146,27 +237,15 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             position_embedding=position_embedding,
             sincos2d_temperature=sincos2d_temperature, dtype=dtype,
             name="embedding")
-        tokens = embedding.num_tokens
-        resolved_group_size = group_size or default_group_size(
-            tokens, ensemble_size, router)
-        moe = MoeSettings(
-            num_experts=num_experts, group_size=resolved_group_size,
-            num_selected_experts=num_selected_experts,
-            capacity_factor=capacity_factor, batch_priority=batch_priority,
-            ensemble_size=ensemble_size, noise_std=router_noise_std,
-            importance_loss_weight=importance_loss_weight,
-            load_loss_weight=load_loss_weight,
-            gshard_loss_weight=gshard_loss_weight,
-            dropout_rate=moe_dropout_rate, dispatcher=dispatcher,
-            dispatch_dtype=dispatch_dtype, router=router, num_slots=num_slots,
-            capacity_ceil_or_round=capacity_ceil_or_round,
-            capacity_multiple_of=capacity_multiple_of)
+        # The MoE settings, resolved once: each MoE block gets them (its
+        # seed offset by its index).
+        moe = moe.resolved(embedding.num_tokens)
         blocks = []
         for i in range(num_layers):
             block_moe = None
             if i in moe_layers:
                 block_moe = dataclasses.replace(
-                    moe, seed=None if seed is None else seed + i)
+                    moe, seed=None if moe.seed is None else moe.seed + i)
             blocks.append(EncoderBlock(
                 num_heads, mlp_dim, dropout_rate, attention_dropout_rate,
                 moe=block_moe, attention_qk_norm=attention_qk_norm,
@@ -215,25 +294,12 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         self.position_embedding = position_embedding
         self.sincos2d_temperature = sincos2d_temperature
         self.attention_qk_norm = attention_qk_norm
-        self.num_experts = num_experts
         self.moe_layers = moe_layers
-        self.num_selected_experts = num_selected_experts
-        self.ensemble_size = ensemble_size
-        self.capacity_factor = capacity_factor
-        self.group_size = group_size
-        self.batch_priority = batch_priority
-        self.router_noise_std = router_noise_std
-        self.importance_loss_weight = importance_loss_weight
-        self.load_loss_weight = load_loss_weight
-        self.gshard_loss_weight = gshard_loss_weight
-        self.moe_dropout_rate = moe_dropout_rate
-        self.dispatcher = dispatcher
-        self.dispatch_dtype = dispatch_dtype
-        self.seed = seed
-        self.router = router
-        self.num_slots = num_slots
-        self.capacity_ceil_or_round = capacity_ceil_or_round
-        self.capacity_multiple_of = capacity_multiple_of
+        # The resolved MoE settings (group_size: the one the blocks use).
+        self.moe_settings = moe
+        for name, value in moe.backbone_kwargs().items():
+            setattr(self, name, value)
+        self.group_size = group_size  # as given: None follows image_size
 
     def call(self, inputs, training=None, mask=None,
              return_router_metrics=False):
@@ -286,20 +352,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             position_embedding=self.position_embedding,
             sincos2d_temperature=self.sincos2d_temperature,
             attention_qk_norm=self.attention_qk_norm,
-            num_experts=self.num_experts, moe_layers=list(self.moe_layers),
-            num_selected_experts=self.num_selected_experts,
-            ensemble_size=self.ensemble_size,
-            capacity_factor=self.capacity_factor, group_size=self.group_size,
-            batch_priority=self.batch_priority,
-            router_noise_std=self.router_noise_std,
-            importance_loss_weight=self.importance_loss_weight,
-            load_loss_weight=self.load_loss_weight,
-            gshard_loss_weight=self.gshard_loss_weight,
-            moe_dropout_rate=self.moe_dropout_rate,
-            dispatcher=self.dispatcher, dispatch_dtype=self.dispatch_dtype,
-            seed=self.seed, router=self.router, num_slots=self.num_slots,
-            capacity_ceil_or_round=self.capacity_ceil_or_round,
-            capacity_multiple_of=self.capacity_multiple_of,
+            moe_layers=list(self.moe_layers),
+            **{name: getattr(self, name)
+               for name in MoeSettings.backbone_names().values()},
             # The layers' policy: a functional Model keeps float32 for itself.
             dtype=keras.dtype_policies.serialize(self.embedding.dtype_policy),
         )

@@ -33,17 +33,17 @@ import numpy as np
 from keras_e3.data.labels import class_names
 from keras_e3.layers.embedding import as_pair
 from keras_e3.layers.embedding import resample_position_embedding
+from keras_e3.layers.moe import MoeSettings
 from keras_e3.preprocessing.image_converter import ImageConverter
 from keras_e3.presets import builtin
 from keras_e3.presets import files
 from keras_e3.presets.files import PresetError
 
-# Backbone settings a preset may be loaded with, without changing weights.
+# Backbone settings a preset may be loaded with, without changing weights:
+# the dropout rates and the MoE settings `MoeSettings` marks as such.
 RUNTIME_OVERRIDES = frozenset({
-    "capacity_factor", "group_size", "batch_priority", "dropout_rate",
-    "attention_dropout_rate", "moe_dropout_rate", "router_noise_std",
-    "dispatcher", "dispatch_dtype", "importance_loss_weight",
-    "load_loss_weight", "gshard_loss_weight", "seed"})
+    "dropout_rate", "attention_dropout_rate",
+    *MoeSettings.runtime_backbone_names()})
 HEAD_SETTINGS = ("num_classes", "head_bias_init", "head_kernel_initializer")
 
 
@@ -226,7 +226,7 @@ def resolve(handle):
     if handle.startswith("hf://"):
         from keras_e3.presets.hub import download_preset
 
-        return _converted_if_dense(download_preset(handle), handle)
+        return download_preset(handle)
     card = builtin.builtin_presets().get(handle)
     if card is not None and card["kind"] == "vit_checkpoint":
         from keras_e3.presets.vit_checkpoints import materialize_vit_npz
@@ -241,26 +241,14 @@ def resolve(handle):
 
         return materialize_vit_npz(handle)
     if os.path.isdir(handle):
-        return _converted_if_dense(handle, None)
+        return handle
     if os.sep in handle or handle.startswith(".") or os.path.exists(handle):
         raise PresetError(f"No preset directory at {handle!r}.")
     raise PresetError(
         f"Unknown preset {handle!r}. Use a built-in name "
         f"({', '.join(builtin.list_presets()) or 'none'}), a local preset "
-        "directory, hf://owner/repo[/revision] (keras-e3, timm or keras-hub "
-        "ViT), a timm or keras-hub ViT folder, or a dense ViT .npz (path or "
-        "URL).")
-
-
-def _converted_if_dense(directory, source):
-    """`directory` itself, or, for a timm or keras-hub ViT checkpoint, the
-    keras-e3 preset converted from it (`keras_e3.presets.
-    dense_checkpoints`)."""
-    from keras_e3.presets import dense_checkpoints
-
-    if dense_checkpoints.kind(directory) is None:
-        return directory
-    return dense_checkpoints.materialize(directory, source)
+        "directory, hf://owner/repo[/revision], or a dense ViT .npz (path "
+        "or URL).")
 
 
 def _spec(preset_dir, file_name, cls):
