@@ -18,6 +18,15 @@ from keras_e3.preprocessing.image_converter import ImageConverter
 from keras_e3.models.preset_mixin import PresetMixin
 
 
+def _member_logits(head, member_split, pooled):
+    """The head on the pooled features [B*M, D], then the member split
+    ([B, M, C] for E³; `member_split` None: [B, C]): the one place the
+    classifier's logits are made, for its graph, `call` and
+    `compute_intermediates`."""
+    logits = head(pooled)
+    return logits if member_split is None else member_split(logits)
+
+
 @keras.saving.register_keras_serializable(package="keras_e3")
 class E3ViT(PresetMixin, keras.Model):
     """Image classifier: backbone -> linear head, one prediction per member.
@@ -58,16 +67,23 @@ class E3ViT(PresetMixin, keras.Model):
     outside [0, num_classes) are a ValueError, not a silent zero loss).
 
     Example:
-    >>> backbone = keras_e3.E3ViTBackbone(image_size=32, patch_size=8,
-    ...     num_channels=1, hidden_dim=48, num_layers=2, num_heads=2,
-    ...     mlp_dim=96)
-    >>> model = keras_e3.E3ViT(
-    ...     backbone, num_classes=10,
-    ...     preprocessor=keras_e3.ImageConverter(image_size=32,
-    ...                                          num_channels=1),
-    ...     class_names=[str(i) for i in range(10)])
-    >>> model.predict_ensemble(np.zeros((8, 8), np.uint8)).shape
-    (1, 10)
+
+    ```python
+    import numpy as np
+    import keras_e3
+
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=32, patch_size=8, num_channels=1, hidden_dim=48,
+        num_layers=2, num_heads=2, mlp_dim=96, num_experts=4,
+        moe_layers=(1,), ensemble_size=2)
+    model = keras_e3.E3ViT(
+        backbone, num_classes=10,
+        preprocessor=keras_e3.ImageConverter(image_size=32, num_channels=1),
+        class_names=[str(i) for i in range(10)])
+    members = model.predict(np.zeros((1, 32, 32, 1), "float32"), verbose=0)
+    assert members.shape == (1, 2, 10)  # [B, M, C]
+    assert model.predict_ensemble(np.zeros((8, 8), np.uint8)).shape == (1, 10)
+    ```
     """
 
     backbone_cls = E3ViTBackbone
@@ -87,9 +103,8 @@ class E3ViT(PresetMixin, keras.Model):
         member_split = (EnsembleSplit(m, name="member_logits") if m > 1
                         else None)
         inputs = backbone.input
-        logits = head(backbone(inputs)["pooled_output"])
-        if member_split is not None:
-            logits = member_split(logits)
+        logits = _member_logits(head, member_split,
+                                backbone(inputs)["pooled_output"])
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         self.input_spec = None  # the backbone's embedding checks images
         self.backbone = backbone
@@ -382,9 +397,8 @@ class E3ViT(PresetMixin, keras.Model):
         self.backbone.embedding.check_images(inputs.shape)
         features, router_metrics = self.backbone(
             inputs, training=training, return_router_metrics=True)
-        logits = self.head(features["pooled_output"])
-        if self.member_split is not None:
-            logits = self.member_split(logits)
+        logits = _member_logits(self.head, self.member_split,
+                                features["pooled_output"])
         # The router statistics this forward pass returned, for the loss
         # computation of the same train or test step (`compute_loss`, which
         # Keras' trainers call right after it, in the same trace). Kept out
@@ -404,8 +418,7 @@ class E3ViT(PresetMixin, keras.Model):
         TensorFlow these models are compiled with XLA on a CPU-only machine
         too, where Keras runs TensorFlow graphs without XLA. The models
         compile there (the whole suite runs so), and XLA's program is the
-        faster one: E³ S/32's `predict_on_batch` at batch 32 took 2341 ms
-        without XLA and 1270 ms with it (`benchmarks/backends.py`). Not under
+        faster one (PERFORMANCE.md, "Dispatch policy"). Not under
         a `tf.distribute` strategy, nor where a layer says it does not
         support XLA, nor with op determinism enabled (Keras' own rules)."""
         resolved = super()._resolve_auto_jit_compile()
@@ -511,11 +524,8 @@ class E3ViT(PresetMixin, keras.Model):
     def compute_intermediates(self, images, training=False):
         """`E3ViTBackbone.compute_intermediates` plus the `logits`."""
         out = self.backbone.compute_intermediates(images, training=training)
-        logits = self.head(out["pooled_output"])
-        if self.ensemble_size > 1:
-            logits = ops.reshape(logits, (-1, self.ensemble_size,
-                                          self.num_classes))
-        out["logits"] = logits
+        out["logits"] = _member_logits(self.head, self.member_split,
+                                       out["pooled_output"])
         return out
 
     @classmethod

@@ -37,7 +37,21 @@ METADATA_FILE = "metadata.json"
 
 
 class PresetError(ValueError):
-    """A preset that is missing, incomplete, corrupt or mismatched."""
+    """A preset that is missing, incomplete, corrupt or mismatched (a
+    `ValueError`).
+
+    Example:
+
+    ```python
+    import keras_e3
+    from keras_e3.presets.files import PresetError
+
+    try:
+        keras_e3.E3ViT.from_preset("./no_such_preset")
+    except PresetError as error:
+        print(error)  # No preset directory at './no_such_preset'.
+    ```
+    """
 
 
 def sha256(path):
