@@ -384,19 +384,12 @@ class MoeMlp(keras.layers.Layer):
                  router=_D.router, num_slots=_D.num_slots,
                  capacity_ceil_or_round=_D.capacity_ceil_or_round,
                  capacity_multiple_of=_D.capacity_multiple_of, **kwargs):
+        arguments = dict(locals())
         super().__init__(**kwargs)
-        settings = MoeSettings(
-            num_experts=num_experts, group_size=group_size,
-            num_selected_experts=num_selected_experts,
-            capacity_factor=capacity_factor, batch_priority=batch_priority,
-            ensemble_size=ensemble_size, noise_std=noise_std,
-            importance_loss_weight=importance_loss_weight,
-            load_loss_weight=load_loss_weight,
-            gshard_loss_weight=gshard_loss_weight, dropout_rate=dropout_rate,
-            dispatcher=dispatcher, dispatch_dtype=dispatch_dtype, seed=seed,
-            router=router, num_slots=num_slots,
-            capacity_ceil_or_round=capacity_ceil_or_round,
-            capacity_multiple_of=capacity_multiple_of).resolved()
+        # The arguments (all but mlp_dim), typed, router defaults resolved.
+        settings = MoeSettings(**{
+            name: arguments[name] for name in MoeSettings.backbone_names()
+        }).resolved()
         self.settings = settings
         num_selected_experts = settings.num_selected_experts
         capacity_factor = settings.capacity_factor

@@ -213,19 +213,8 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                  dtype=None, **kwargs):
         check_keywords(type(self).__name__, kwargs)
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
-        moe = MoeSettings(
-            num_experts=num_experts, group_size=group_size,
-            num_selected_experts=num_selected_experts,
-            capacity_factor=capacity_factor, batch_priority=batch_priority,
-            ensemble_size=ensemble_size, noise_std=router_noise_std,
-            importance_loss_weight=importance_loss_weight,
-            load_loss_weight=load_loss_weight,
-            gshard_loss_weight=gshard_loss_weight,
-            dropout_rate=moe_dropout_rate, dispatcher=dispatcher,
-            dispatch_dtype=dispatch_dtype, seed=seed, router=router,
-            num_slots=num_slots,
-            capacity_ceil_or_round=capacity_ceil_or_round,
-            capacity_multiple_of=capacity_multiple_of).resolved()
+        # The MoE arguments, typed, with the router's defaults resolved.
+        moe = MoeSettings.from_backbone(locals()).resolved()
         validate_config(num_layers, classifier, num_experts, moe_layers,
                         moe.num_selected_experts or 1, ensemble_size)
         if moe_layers:  # experts split evenly over a distribution's devices
