@@ -226,7 +226,7 @@ def resolve(handle):
     if handle.startswith("hf://"):
         from keras_e3.presets.hub import download_preset
 
-        return download_preset(handle)
+        return _converted_if_dense(download_preset(handle), handle)
     card = builtin.builtin_presets().get(handle)
     if card is not None and card["kind"] == "vit_checkpoint":
         from keras_e3.presets.vit_checkpoints import materialize_vit_npz
@@ -241,14 +241,26 @@ def resolve(handle):
 
         return materialize_vit_npz(handle)
     if os.path.isdir(handle):
-        return handle
+        return _converted_if_dense(handle, None)
     if os.sep in handle or handle.startswith(".") or os.path.exists(handle):
         raise PresetError(f"No preset directory at {handle!r}.")
     raise PresetError(
         f"Unknown preset {handle!r}. Use a built-in name "
         f"({', '.join(builtin.list_presets()) or 'none'}), a local preset "
-        "directory, hf://owner/repo[/revision], or a dense ViT .npz (path "
-        "or URL).")
+        "directory, hf://owner/repo[/revision] (keras-e3, timm or keras-hub "
+        "ViT), a timm or keras-hub ViT folder, or a dense ViT .npz (path or "
+        "URL).")
+
+
+def _converted_if_dense(directory, source):
+    """`directory` itself, or, for a timm or keras-hub ViT checkpoint, the
+    keras-e3 preset converted from it (`keras_e3.presets.
+    dense_checkpoints`)."""
+    from keras_e3.presets import dense_checkpoints
+
+    if dense_checkpoints.kind(directory) is None:
+        return directory
+    return dense_checkpoints.materialize(directory, source)
 
 
 def _spec(preset_dir, file_name, cls):
