@@ -18,9 +18,9 @@ and finiteness; never a second path of the code under test.
 - `run_backbone_test`: the same for a backbone (dict outputs), plus
   `save_to_preset` / `from_preset`.
 - `run_task_test`: `predict` on raw uint8 images of another size than the
-  model's, one `fit` step on them (finite loss, weights moved), config
-  round trip, `save_to_preset` / `from_preset` (equal predictions, class
-  names and converter).
+  model's, config round trip, `save_to_preset` / `from_preset` (equal
+  predictions, class names and converter), then one `fit` step on the raw
+  images (finite loss, weights moved).
 """
 
 import json
@@ -299,11 +299,9 @@ def run_task_test(task, raw_images, labels, expected_output_shape, tmp_path):
     assert_shapes(predictions, expected_output_shape, "predict")
     assert_finite(predictions, "predict")
 
-    revived = _check_config_round_trip(task, type(task))
-    revived.predict(raw_images[:1], verbose=0)  # builds it
-    _copy_weights(task, revived)
-    assert_all_close(revived.predict(raw_images, verbose=0), predictions,
-                     what="from_config copy with the same weights")
+    # The config round trip (outputs: through the preset below, which
+    # rebuilds the task from its config and reloads the weights).
+    _check_config_round_trip(task, type(task))
 
     preset = str(tmp_path / "task_preset")
     task.save_to_preset(preset)
