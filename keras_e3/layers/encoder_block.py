@@ -50,12 +50,33 @@ class EncoderBlock(keras.layers.Layer):
     Flax's DenseGeneral in vmoe. `attention_qk_norm`: LayerNorm (no bias)
     on each head's queries and keys (vmoe's `attention_qk_norm`).
     """
+    `gelu_approximate=False`: the MLP's (or the experts') GELU in its exact
+    erf form (timm and keras-hub ViTs) instead of Flax's tanh approximation.
+
+    Args:
+        num_heads: attention heads (H must be a multiple).
+        mlp_dim: the MLP's (each expert's) hidden width.
+        dropout_rate: dropout after attention and in the MLP.
+        attention_dropout_rate: dropout on the attention weights.
+        moe: None, or the `MoeSettings` (or dict) of a MoE MLP.
+        attention_qk_norm: LayerNorm on the queries and keys.
+        gelu_approximate: tanh GELU (True) or the exact erf form.
+        **kwargs: Keras' `Layer` arguments (`name`, `dtype`, ...).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_e3.layers import EncoderBlock
+    block = EncoderBlock(num_heads=2, mlp_dim=32)
+    block(np.zeros((2, 5, 16), "float32")).shape  # (2, 5, 16)
+    ```
 
     def __init__(self, num_heads, mlp_dim, dropout_rate=0.0,
                  attention_dropout_rate=0.0, moe=None,
-                 attention_qk_norm=False, **kwargs):
+                 attention_qk_norm=False, gelu_approximate=True, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
+        self.gelu_approximate = bool(gelu_approximate)
         self.attention_qk_norm = bool(attention_qk_norm)
         self.mlp_dim = mlp_dim
         self.dropout_rate = dropout_rate
@@ -69,11 +90,14 @@ class EncoderBlock(keras.layers.Layer):
                                             dtype=self.dtype_policy)
         self.attention = None
         if self.moe:
-            self.mlp = MoeMlp(mlp_dim=mlp_dim, dtype=self.dtype_policy,
-                              name="moe", **self.moe.get_config())
+            self.mlp = MoeMlp(mlp_dim=mlp_dim,
+                              gelu_approximate=self.gelu_approximate,
+                              dtype=self.dtype_policy, name="moe",
+                              **self.moe.get_config())
         else:
-            self.mlp = Mlp(mlp_dim, dropout_rate, dtype=self.dtype_policy,
-                           name="mlp")
+            self.mlp = Mlp(mlp_dim, dropout_rate,
+                           gelu_approximate=self.gelu_approximate,
+                           dtype=self.dtype_policy, name="mlp")
 
     @property
     def is_moe(self):
@@ -127,3 +151,5 @@ class EncoderBlock(keras.layers.Layer):
         if self.attention_qk_norm:
             config["attention_qk_norm"] = True
         return config
+        if not self.gelu_approximate:
+            config["gelu_approximate"] = False

@@ -16,17 +16,20 @@ class MapHead(keras.layers.Layer):
     with `num_heads` heads, qk-normalised with `qk_norm`), then
     x = x + MLP(LN(x)) with an MLP of `mlp_dim` (vit_jax's MlpBlock); the
     pooled vector is the probe's row. As vmoe's `MapHead` (attention and
-    MLP without dropout).
+    MLP without dropout). `gelu_approximate=False`: the MLP's GELU in its
+    exact erf form (timm's `AttentionPoolLatent`).
     """
 
-    def __init__(self, num_heads, mlp_dim, qk_norm=False, **kwargs):
+    def __init__(self, num_heads, mlp_dim, qk_norm=False,
+                 gelu_approximate=True, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
         self.qk_norm = bool(qk_norm)
         self.norm = keras.layers.LayerNormalization(
             epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm")
-        self.mlp = Mlp(mlp_dim, dtype=self.dtype_policy, name="mlp")
+        self.mlp = Mlp(mlp_dim, gelu_approximate=self.gelu_approximate,
+                       dtype=self.dtype_policy, name="mlp")
         self.attention = None
 
     def build(self, input_shape):
@@ -59,3 +62,5 @@ class MapHead(keras.layers.Layer):
         config.update(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       qk_norm=self.qk_norm)
         return config
+        if not self.gelu_approximate:
+            config["gelu_approximate"] = False

@@ -354,6 +354,9 @@ class MoeMlp(keras.layers.Layer):
         gshard_loss_weight, dropout_rate, dispatcher, dispatch_dtype, seed,
         router, num_slots, capacity_ceil_or_round, capacity_multiple_of:
             the `MoeSettings`, with its defaults.
+        gelu_approximate: the experts' GELU: Flax's tanh approximation
+            (True, vmoe) or the exact erf form (False: experts upcycled
+            from timm or keras-hub ViTs).
         **kwargs: Keras' layer keywords (`name`, `dtype`, ...).
 
     Example:
@@ -383,7 +386,8 @@ class MoeMlp(keras.layers.Layer):
                  dispatch_dtype=_D.dispatch_dtype, seed=_D.seed,
                  router=_D.router, num_slots=_D.num_slots,
                  capacity_ceil_or_round=_D.capacity_ceil_or_round,
-                 capacity_multiple_of=_D.capacity_multiple_of, **kwargs):
+                 capacity_multiple_of=_D.capacity_multiple_of,
+                 gelu_approximate=True, **kwargs):
         arguments = dict(locals())
         super().__init__(**kwargs)
         # The arguments (all but mlp_dim), typed, router defaults resolved.
@@ -451,7 +455,9 @@ class MoeMlp(keras.layers.Layer):
                 load_loss_weight=load_loss_weight,
                 gshard_loss_weight=gshard_loss_weight, seed=seed,
                 dtype=self.dtype_policy, name="router")
+        self.gelu_approximate = bool(gelu_approximate)
         self.experts = ExpertsMlp(num_experts, mlp_dim, dropout_rate,
+                                  gelu_approximate=self.gelu_approximate,
                                   dtype=self.dtype_policy, name="experts")
 
     def build(self, input_shape):
@@ -545,5 +551,7 @@ class MoeMlp(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(mlp_dim=self.mlp_dim, **self.settings.get_config())
+        if not self.gelu_approximate:
+            config["gelu_approximate"] = False
         return config
 

@@ -44,7 +44,8 @@ ARCHITECTURE_DEFAULTS = dict(
     num_layers=8, num_heads=8, mlp_dim=2048, dropout_rate=0.0,
     attention_dropout_rate=0.0, classifier="token", representation_size=None,
     position_embedding="learned", sincos2d_temperature=10000.0,
-    attention_qk_norm=False, num_experts=0, moe_layers=())
+    attention_qk_norm=False, num_experts=0, moe_layers=(),
+    gelu_approximate=True, final_norm="sequence")
 _A = ARCHITECTURE_DEFAULTS
 _M = MoeSettings
 
@@ -210,13 +211,15 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                  seed=_M.seed, router=_M.router, num_slots=_M.num_slots,
                  capacity_ceil_or_round=_M.capacity_ceil_or_round,
                  capacity_multiple_of=_M.capacity_multiple_of,
-                 dtype=None, **kwargs):
+                 gelu_approximate=_A["gelu_approximate"],
+                 final_norm=_A["final_norm"], dtype=None, **kwargs):
         check_keywords(type(self).__name__, kwargs)
         moe_layers = sorted(int(i) for i in (moe_layers or ()))
         # The MoE arguments, typed, with the router's defaults resolved.
         moe = MoeSettings.from_backbone(locals()).resolved()
         validate_config(num_layers, classifier, num_experts, moe_layers,
                         moe.num_selected_experts or 1, ensemble_size)
+        check_dense_variant(classifier, final_norm)
         if moe_layers:  # experts split evenly over a distribution's devices
             check_num_experts(num_experts)
         # === Layers ===
@@ -238,6 +241,7 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             blocks.append(EncoderBlock(
                 num_heads, mlp_dim, dropout_rate, attention_dropout_rate,
                 moe=block_moe, attention_qk_norm=attention_qk_norm,
+                gelu_approximate=gelu_approximate,
                 dtype=dtype, name=f"encoderblock_{i}"))
         layers = dict(
             embedding=embedding,
@@ -253,7 +257,9 @@ class E3ViTBackbone(PresetMixin, keras.Model):
                                            name="pre_logits")
                         if representation_size else None),
             classifier=classifier,
+            final_norm=final_norm,
             map_head=(MapHead(num_heads, mlp_dim, qk_norm=attention_qk_norm,
+                              gelu_approximate=gelu_approximate,
                               dtype=dtype, name="map_head")
                       if classifier == "map" else None),
         )
@@ -289,6 +295,8 @@ class E3ViTBackbone(PresetMixin, keras.Model):
         for name, value in moe.backbone_kwargs().items():
             setattr(self, name, value)
         self.group_size = group_size  # as given: None follows image_size
+        self.gelu_approximate = bool(gelu_approximate)
+        self.final_norm = final_norm
 
     def call(self, inputs, training=None, mask=None,
              return_router_metrics=False):
@@ -344,6 +352,8 @@ class E3ViTBackbone(PresetMixin, keras.Model):
             moe_layers=list(self.moe_layers),
             **{name: getattr(self, name)
                for name in MoeSettings.backbone_names().values()},
+            gelu_approximate=self.gelu_approximate,
+            final_norm=self.final_norm,
             # The layers' policy: a functional Model keeps float32 for itself.
             dtype=keras.dtype_policies.serialize(self.embedding.dtype_policy),
         )
@@ -384,9 +394,14 @@ def _forward(layers, images, training=None, collect=None,
         else:
             x = block(x, training=training)
         record[block.name] = x
-    sequence = layers["norm"](x)
-    record["encoder_norm"] = sequence
-    if layers["classifier"] == "token":
+    if layers["final_norm"] == "pooled":  # timm's fc_norm: pool, then norm
+        sequence = x
+        pooled = record["encoder_norm"] = layers["norm"](ops.mean(x, axis=1))
+    else:
+        sequence = record["encoder_norm"] = layers["norm"](x)
+    if layers["final_norm"] == "pooled":
+        pass  # pooled above
+    elif layers["classifier"] == "token":
         pooled = sequence[:, 0]
     elif layers["classifier"] == "map":
         pooled = layers["map_head"](sequence)
@@ -397,6 +412,22 @@ def _forward(layers, images, training=None, collect=None,
         record["pre_logits"] = pooled  # before the tanh, as in vmoe
         pooled = ops.tanh(pooled)
     return {"sequence_output": sequence, "pooled_output": pooled}
+
+
+FINAL_NORMS = ("sequence", "pooled")
+
+
+def check_dense_variant(classifier, final_norm):
+    """Checks the settings that dense checkpoints of other libraries need:
+    `final_norm="pooled"` (timm's `fc_norm`: the encoder's last LayerNorm
+    applied to the mean of the tokens, not to each token; GAP only) and
+    `gelu_approximate=False` (the exact GELU, in MLPs and experts)."""
+    if final_norm not in FINAL_NORMS:
+        raise ValueError(f"final_norm must be one of {FINAL_NORMS}; got "
+                         f"{final_norm!r}.")
+    if final_norm == "pooled" and classifier != "gap":
+        raise ValueError("final_norm='pooled' (the norm after pooling) needs "
+                         f"classifier='gap'; got classifier={classifier!r}.")
 
 
 def validate_config(num_layers, classifier, num_experts, moe_layers,

@@ -299,3 +299,58 @@ def test_bfloat16_safetensors_are_read(tmp_path):
     np.testing.assert_array_equal(read, values.to(torch.bfloat16).float()
                                   .numpy())
     assert read.dtype == np.float32
+
+
+@pytest.mark.parametrize("ensemble_size", [1, 2])
+def test_upcycled_timm_vit_with_uniform_routers_is_the_dense_vit(
+        ensemble_size):
+    """Upcycled from timm (exact GELU, fc_norm after pooling), its experts
+    copies of the dense MLPs: with zero router kernels (uniform gates), all
+    of a member's experts selected and room for every token, each MoE block
+    computes the mean of E identical MLPs, i.e. the dense MLP. So every
+    member gives timm's logits; the tanh GELU in the experts would not."""
+    timm = import_timm()
+    reference = _timm_vit(timm, global_pool="avg", class_token=False,
+                          depth=3)
+    images = np.random.default_rng(6).normal(
+        size=(2, 3, 32, 32)).astype("float32")
+    expected = _timm_logits(reference, images)
+    dense = model_from_timm(_state(reference), keras_e3.E3ViT, num_heads=3)
+    upcycled = keras_e3.upcycle(
+        dense, num_experts=4, moe_layers=(0, 2),
+        num_selected_experts=4 // ensemble_size,
+        ensemble_size=ensemble_size, capacity_factor=1.0)
+    assert upcycled.backbone.gelu_approximate is False
+    assert upcycled.backbone.final_norm == "pooled"
+    for block in upcycled.backbone.moe_blocks:
+        kernel = block.mlp.router.kernel
+        kernel.assign(np.zeros(kernel.shape, "float32"))
+    members = to_numpy(upcycled.predict_members(
+        images.transpose(0, 2, 3, 1), verbose=0))  # [B, M, C]
+    assert members.shape == (2, ensemble_size, 5)
+    for m in range(ensemble_size):
+        np.testing.assert_allclose(members[:, m], expected, atol=1e-5,
+                                   rtol=0)
+
+
+@pytest.mark.single_backend
+def test_dense_variant_settings_round_trip_and_checks():
+    backbone = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=16, num_layers=1,
+        num_heads=2, mlp_dim=32, classifier="gap", final_norm="pooled",
+        gelu_approximate=False)
+    again = keras_e3.E3ViTBackbone.from_config(backbone.get_config())
+    assert (again.final_norm, again.gelu_approximate) == ("pooled", False)
+    default = keras_e3.E3ViTBackbone(
+        image_size=16, patch_size=8, hidden_dim=16, num_layers=1,
+        num_heads=2, mlp_dim=32)
+    assert (default.final_norm, default.gelu_approximate) == ("sequence",
+                                                              True)
+    with pytest.raises(ValueError, match="classifier='gap'"):
+        keras_e3.E3ViTBackbone(image_size=16, patch_size=8, hidden_dim=16,
+                               num_layers=1, num_heads=2, mlp_dim=32,
+                               final_norm="pooled")
+    with pytest.raises(ValueError, match="final_norm must be one of"):
+        keras_e3.E3ViTBackbone(image_size=16, patch_size=8, hidden_dim=16,
+                               num_layers=1, num_heads=2, mlp_dim=32,
+                               classifier="gap", final_norm="tokens")
