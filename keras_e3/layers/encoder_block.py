@@ -49,7 +49,6 @@ class EncoderBlock(keras.layers.Layer):
     Attention kernels are [H, heads, H/heads] / [heads, H/heads, H], as
     Flax's DenseGeneral in vmoe. `attention_qk_norm`: LayerNorm (no bias)
     on each head's queries and keys (vmoe's `attention_qk_norm`).
-    """
     `gelu_approximate=False`: the MLP's (or the experts') GELU in its exact
     erf form (timm and keras-hub ViTs) instead of Flax's tanh approximation.
 
@@ -70,13 +69,14 @@ class EncoderBlock(keras.layers.Layer):
     block = EncoderBlock(num_heads=2, mlp_dim=32)
     block(np.zeros((2, 5, 16), "float32")).shape  # (2, 5, 16)
     ```
+    """
 
     def __init__(self, num_heads, mlp_dim, dropout_rate=0.0,
                  attention_dropout_rate=0.0, moe=None,
                  attention_qk_norm=False, gelu_approximate=True, **kwargs):
         super().__init__(**kwargs)
-        self.num_heads = num_heads
         self.gelu_approximate = bool(gelu_approximate)
+        self.num_heads = num_heads
         self.attention_qk_norm = bool(attention_qk_norm)
         self.mlp_dim = mlp_dim
         self.dropout_rate = dropout_rate
@@ -150,6 +150,6 @@ class EncoderBlock(keras.layers.Layer):
                       moe=self.moe.get_config() if self.moe else None)
         if self.attention_qk_norm:
             config["attention_qk_norm"] = True
-        return config
         if not self.gelu_approximate:
             config["gelu_approximate"] = False
+        return config

@@ -26,6 +26,7 @@ class MapHead(keras.layers.Layer):
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
         self.qk_norm = bool(qk_norm)
+        self.gelu_approximate = bool(gelu_approximate)
         self.norm = keras.layers.LayerNormalization(
             epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm")
         self.mlp = Mlp(mlp_dim, gelu_approximate=self.gelu_approximate,
@@ -61,6 +62,6 @@ class MapHead(keras.layers.Layer):
         config = super().get_config()
         config.update(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       qk_norm=self.qk_norm)
-        return config
         if not self.gelu_approximate:
             config["gelu_approximate"] = False
+        return config
