@@ -353,8 +353,12 @@ def load_vmoe_params(model, params):
     return model
 
 
-def model_from_vmoe(config, params, task_cls, image_size=None):
-    """Builds `task_cls` (E3ViT) for a vmoe config and loads `params`."""
+def model_from_vmoe(config, params, task_cls, image_size=None,
+                    **task_kwargs):
+    """Builds `task_cls` (E3ViT) for a vmoe config and loads `params`.
+
+    `task_kwargs` (`preprocessor`, `class_names`) go to the task's
+    constructor with the head settings of the config."""
     params = read_params(params)
     kwargs, num_classes, head_kwargs = backbone_kwargs_from_vmoe(
         config, image_size)
@@ -362,5 +366,5 @@ def model_from_vmoe(config, params, task_cls, image_size=None):
         kwargs["image_size"] = infer_image_size(
             params, kwargs["patch_size"], kwargs["classifier"])
     backbone = task_cls.backbone_cls(**kwargs)
-    model = task_cls(backbone, num_classes, **head_kwargs)
+    model = task_cls(backbone, num_classes, **head_kwargs, **task_kwargs)
     return load_vmoe_params(model, params)

@@ -164,17 +164,21 @@ def convert_checkpoint(vmoe_config, checkpoint, preset_dir, image_size=None,
     `preprocessing`: the vmoe evaluation process string, saved as the
     preset's ImageConverter."""
     from keras_e3.conversion.vmoe import model_from_vmoe
+    from keras_e3.conversion.vmoe import read_config
     from keras_e3.preprocessing.image_converter import ImageConverter
 
     task_cls = keras.saving.get_registered_object(TASK_CLASS)
     if task_cls is None:  # registered when keras_e3.models is imported
         raise RuntimeError(f"{TASK_CLASS} is not registered: import "
                            "keras_e3 first.")
+    preprocessor = None
+    if preprocessing:  # a constructor argument, as every model's
+        vmoe_config = read_config(vmoe_config)
+        num_channels = int(vmoe_config.get("num_channels", 3))
+        preprocessor = ImageConverter.from_vmoe_process(
+            preprocessing, num_channels=num_channels)
     model = model_from_vmoe(vmoe_config, checkpoint, task_cls,
-                            image_size=image_size)
-    if preprocessing:
-        model.preprocessor = ImageConverter.from_vmoe_process(
-            preprocessing, num_channels=model.backbone.num_channels)
+                            image_size=image_size, preprocessor=preprocessor)
     metadata = {"source": os.fspath(checkpoint), **(extra_metadata or {})}
     model.save_to_preset(preset_dir, extra_metadata=metadata)
     return model
