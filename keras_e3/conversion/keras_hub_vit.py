@@ -17,6 +17,7 @@ sharded weights.
 """
 
 import json
+import math
 import os
 import re
 
@@ -168,8 +169,15 @@ def to_vmoe(directory):
         "num_channels": int(kernel.shape[2]),
         "gelu_approximate": False,
     }
-    if image_h:
-        config["image_size"] = [int(image_h), int(image_w)]
+    if not image_h:  # a square grid of patches, read off the positions
+        tokens = params["Encoder/posembed_input/pos_embedding"].shape[1]
+        side = math.isqrt(tokens - int(use_cls))
+        if side * side != tokens - int(use_cls):
+            raise ViTCheckpointError(
+                "config.json has no image_shape and the position embedding "
+                f"({tokens} rows) is not a square grid of patches.")
+        image_h, image_w = side * int(patch_h), side * int(patch_w)
+    config["image_size"] = [int(image_h), int(image_w)]
     return config, params, _preprocessing(directory)
 
 

@@ -474,8 +474,7 @@ def model_from_timm(source, task_cls, config=None, num_heads=None,
         `keras_e3.presets.timm_checkpoints` for the one timm's config
         describes).
     """
-    from keras_e3.conversion.vmoe import VmoeConversionError
-    from keras_e3.conversion.vmoe import model_from_vmoe
+    from keras_e3.conversion.vit_jax import dense_model
 
     if isinstance(source, dict):
         state = {k: np.asarray(v, np.float32) for k, v in source.items()}
@@ -485,11 +484,4 @@ def model_from_timm(source, task_cls, config=None, num_heads=None,
         state = read_state_dict(source)
     vmoe_config, params = to_vmoe(state, config, num_heads=num_heads,
                                   image_size=image_size)
-    try:
-        model = model_from_vmoe(vmoe_config, params, task_cls)
-    except VmoeConversionError as e:
-        raise ViTCheckpointError(str(e).replace(
-            "The parameters do not match the model",
-            "The checkpoint's arrays do not match the ViT read off it"))\
-            from e
-    return model
+    return dense_model(vmoe_config, params, task_cls)

@@ -169,7 +169,38 @@ def vmoe_config(params):
     return config
 
 
-def model_from_vit_npz(params_or_path, task_cls, image_size=None):
+def dense_model(config, params, task_cls, image_size=None, **task_kwargs):
+    """`model_from_vmoe` for a dense ViT read off another library's
+    checkpoint (vit_jax, timm, keras-hub): a mismatch is that checkpoint's
+    error (`ViTCheckpointError`), worded for it.
+
+    Args:
+        config: the vmoe-style config read off the checkpoint.
+        params: its parameters, renamed to vmoe's names.
+        task_cls: the classifier class (`keras_e3.E3ViT`).
+        image_size: the image size, when the config lacks it.
+        **task_kwargs: constructor arguments of the task (`preprocessor`,
+            `class_names`).
+
+    Returns:
+        The model, its weights loaded.
+    """
+    from keras_e3.conversion.vmoe import model_from_vmoe
+
+    try:
+        return model_from_vmoe(config, params, task_cls,
+                               image_size=image_size, **task_kwargs)
+    except ViTCheckpointError:
+        raise
+    except VmoeConversionError as e:
+        raise ViTCheckpointError(str(e).replace(
+            "The parameters do not match the model",
+            "The checkpoint's arrays do not match the ViT read off it"))\
+            from e
+
+
+def model_from_vit_npz(params_or_path, task_cls, image_size=None,
+                       **task_kwargs):
     """A dense `task_cls` (E3ViT) with a vit_jax / big_vision .npz's
     parameters (module docstring).
 
@@ -179,22 +210,15 @@ def model_from_vit_npz(params_or_path, task_cls, image_size=None):
         image_size: the checkpoint's own image size (default: read off the
             position embedding, square grids only). To run at another
             resolution, resize afterwards (`from_preset(..., image_size=)`).
+        **task_kwargs: constructor arguments of the task (`preprocessor`,
+            `class_names`).
 
     Returns:
         The model, its weights loaded.
     """
-    from keras_e3.conversion.vmoe import model_from_vmoe
-
     params = params_or_path
     if not isinstance(params, dict):
         params = read_npz(params)
     params = to_vmoe_names(params)
-    config = vmoe_config(params)
-    try:
-        return model_from_vmoe(config, params, task_cls,
-                               image_size=image_size)
-    except VmoeConversionError as e:
-        raise ViTCheckpointError(str(e).replace(
-            "The parameters do not match the model",
-            "The checkpoint's arrays do not match the ViT read off it"))\
-            from e
+    return dense_model(vmoe_config(params), params, task_cls,
+                       image_size=image_size, **task_kwargs)

@@ -89,7 +89,9 @@ def _digest(paths):
     return digest.hexdigest()[:16]
 
 
-def _task_cls():
+def task_class():
+    """The registered classifier class (`E3ViT`), which preset code never
+    imports."""
     task_cls = keras.saving.get_registered_object(TASK_CLASS)
     if task_cls is None:  # registered when keras_e3.models is imported
         raise RuntimeError(f"{TASK_CLASS} is not registered: import "
@@ -97,59 +99,65 @@ def _task_cls():
     return task_cls
 
 
-def materialize(directory, source=None, cache_dir=None):
-    """A verified keras-e3 preset directory for the timm or keras-hub ViT
-    in `directory` (module docstring); converted on first use."""
+def cached_conversion(name, build, metadata, cache_dir=None):
+    """The verified preset `<cache>/presets/<name>`, written (atomically)
+    from `build()`, a model, when it is missing or damaged.
+
+    Args:
+        name: the preset's folder name in the cache (a content hash).
+        build: a function returning the converted model.
+        metadata: extra metadata.json entries (`source`, `format`).
+        cache_dir: the cache root (default: `keras_e3.io_utils.
+            cache_root()`).
+
+    Returns:
+        The preset directory.
+    """
     from keras_e3.io_utils import cache_root
 
-    which = kind(directory)
-    if which is None:
-        raise PresetError(f"{directory} is neither a timm nor a keras-hub "
-                          "ViT checkpoint.")
-    files = sorted(os.path.join(directory, n) for n in os.listdir(directory)
-                   if n.endswith((".json", ".h5", ".safetensors")))
-    target = os.path.join(cache_root(cache_dir), "presets",
-                          f"{which}-{_digest(files)}")
+    target = os.path.join(cache_root(cache_dir), "presets", name)
     if os.path.isfile(os.path.join(target, preset_io.METADATA_FILE)):
         try:
             preset_io.verify_preset(target)
             return target
         except PresetError:
             pass  # damaged cache: convert again (written atomically)
-    build = _timm_model if which == "timm" else _keras_hub_model
-    model = build(directory)
-    model.save_to_preset(target, extra_metadata={
-        "source": source or os.path.abspath(directory),
-        "format": "timm" if which == "timm" else "keras-hub ViTBackbone"})
+    build().save_to_preset(target, extra_metadata=metadata)
     return target
 
 
+def materialize(directory, source=None, cache_dir=None):
+    """A verified keras-e3 preset directory for the timm or keras-hub ViT
+    in `directory` (module docstring); converted on first use."""
+    which = kind(directory)
+    if which is None:
+        raise PresetError(f"{directory} is neither a timm nor a keras-hub "
+                          "ViT checkpoint.")
+    files = sorted(os.path.join(directory, n) for n in os.listdir(directory)
+                   if n.endswith((".json", ".h5", ".safetensors")))
+    build = _timm_model if which == "timm" else _keras_hub_model
+    return cached_conversion(
+        f"{which}-{_digest(files)}", lambda: build(directory),
+        {"source": source or os.path.abspath(directory),
+         "format": "timm" if which == "timm" else "keras-hub ViTBackbone"},
+        cache_dir)
+
+
 def _model(config, params, value_range, converter_kwargs, class_names=None):
-    from keras_e3.conversion.vit_jax import ViTCheckpointError
-    from keras_e3.conversion.vmoe import VmoeConversionError
-    from keras_e3.conversion.vmoe import model_from_vmoe
+    from keras_e3.conversion.vit_jax import dense_model
     from keras_e3.data.labels import class_names as known_class_names
     from keras_e3.preprocessing.image_converter import ImageConverter
 
-    try:
-        model = model_from_vmoe(config, params, _task_cls())
-    except VmoeConversionError as e:
-        if isinstance(e, ViTCheckpointError):
-            raise
-        raise ViTCheckpointError(str(e).replace(
-            "The parameters do not match the model",
-            "The checkpoint's arrays do not match the ViT read off it"))\
-            from e
-    backbone = model.backbone
-    model.preprocessor = ImageConverter(
-        image_size=tuple(backbone.embedding.image_size),
-        num_channels=backbone.num_channels, value_range=value_range,
+    converter = ImageConverter(
+        image_size=tuple(config["image_size"]),
+        num_channels=config["num_channels"], value_range=value_range,
         input_range=(0.0, 255.0), **converter_kwargs)
     if class_names is None and config["num_classes"] == 1000:
         class_names = known_class_names("imagenet2012")
-    if class_names and len(class_names) == config["num_classes"]:
-        model.class_names = list(class_names)
-    return model
+    if not class_names or len(class_names) != config["num_classes"]:
+        class_names = None
+    return dense_model(config, params, task_class(), preprocessor=converter,
+                       class_names=class_names)
 
 
 def _timm_model(directory):

@@ -18,10 +18,7 @@ to the model's size (bilinear) and 0..255 mapped to [-1, 1].
 import hashlib
 import os
 
-import keras
-
 from keras_e3.presets import files as preset_io
-from keras_e3.presets.builtin import TASK_CLASS
 from keras_e3.presets.files import PresetError
 
 
@@ -52,29 +49,26 @@ def _local_file(handle, cache_dir=None):
 def materialize_vit_npz(handle, cache_dir=None):
     """A verified preset directory for the .npz `handle` (module
     docstring); converted on first use."""
-    from keras_e3.conversion.vit_jax import model_from_vit_npz
-    from keras_e3.conversion.vmoe_checkpoint import cache_root
+    from keras_e3.conversion.vit_jax import dense_model
+    from keras_e3.conversion.vit_jax import read_npz
+    from keras_e3.conversion.vit_jax import to_vmoe_names
+    from keras_e3.conversion.vit_jax import vmoe_config
     from keras_e3.preprocessing.image_converter import ImageConverter
+    from keras_e3.presets.dense_checkpoints import cached_conversion
+    from keras_e3.presets.dense_checkpoints import task_class
 
     local = _local_file(handle, cache_dir)
-    target = os.path.join(cache_root(cache_dir), "presets",
-                          "vit-" + preset_io.sha256(local)[:16])
-    if os.path.isfile(os.path.join(target, preset_io.METADATA_FILE)):
-        try:
-            preset_io.verify_preset(target)
-            return target
-        except PresetError:
-            pass  # damaged cache: convert again (written atomically)
-    task_cls = keras.saving.get_registered_object(TASK_CLASS)
-    if task_cls is None:  # registered when keras_e3.models is imported
-        raise RuntimeError(f"{TASK_CLASS} is not registered: import "
-                           "keras_e3 first.")
-    model = model_from_vit_npz(local, task_cls)
-    backbone = model.backbone
-    model.preprocessor = ImageConverter(
-        image_size=tuple(backbone.embedding.image_size),
-        num_channels=backbone.num_channels, interpolation="bilinear",
-        input_range=(0.0, 255.0), value_range=(-1.0, 1.0))
-    model.save_to_preset(target, extra_metadata={
-        "source": os.fspath(handle), "format": "vit_jax npz"})
-    return target
+
+    def build():
+        params = to_vmoe_names(read_npz(local))
+        config = vmoe_config(params)
+        converter = ImageConverter(
+            image_size=tuple(config["image_size"]),
+            num_channels=config["num_channels"], interpolation="bilinear",
+            input_range=(0.0, 255.0), value_range=(-1.0, 1.0))
+        return dense_model(config, params, task_class(),
+                           preprocessor=converter)
+
+    return cached_conversion(
+        "vit-" + preset_io.sha256(local)[:16], build,
+        {"source": os.fspath(handle), "format": "vit_jax npz"}, cache_dir)
