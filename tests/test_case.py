@@ -13,8 +13,9 @@ and finiteness; never a second path of the code under test.
   `get_config` / `from_config` (and Keras serialisation) round trip with
   equal outputs, a functional model holding the layer saved to a `.keras`
   file and reloaded (equal outputs through `predict`), and mixed precision
-  (variables float32, floating outputs in the compute dtype, finite, close
-  to the float32 outputs with the same weights).
+  (every sublayer with weights under the policy, variables float32,
+  floating outputs in the compute dtype, finite, close to the float32
+  outputs with the same weights).
 - `run_backbone_test`: the same for a backbone (dict outputs), plus
   `save_to_preset` / `from_preset`.
 - `run_task_test`: `predict` on raw uint8 images of another size than the
@@ -204,7 +205,10 @@ def run_layer_test(layer_cls, init_kwargs, input_data, expected_output_shape,
     if run_mixed_precision_check:
         mixed = layer_cls(**dict(init_kwargs, dtype=MIXED_POLICY))
         mixed_output = mixed(input_data, **call_kwargs)
-        assert mixed.dtype_policy.name == MIXED_POLICY
+        for sublayer in mixed._flatten_layers():  # itself included
+            if sublayer.weights:
+                assert sublayer.dtype_policy.name == MIXED_POLICY, \
+                    f"{sublayer.name} ignores the dtype policy"
         for weight in mixed.weights:
             if "float" in _dtype(weight):
                 assert _dtype(weight) == "float32", (weight.path,
