@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_e3.layers.attention import make_attention
+from keras_e3.layers.layer_norm import LayerNorm
 from keras_e3.layers.mlp import Mlp
 from keras_e3.layers.moe import MoeMlp
 from keras_e3.layers.moe import MoeSettings
@@ -82,9 +83,9 @@ class EncoderBlock(keras.layers.Layer):
         self.dropout_rate = dropout_rate
         self.attention_dropout_rate = attention_dropout_rate
         self.moe = MoeSettings.from_config(moe) if moe else None
-        self.norm_0 = keras.layers.LayerNormalization(
+        self.norm_0 = LayerNorm(
             epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm_0")
-        self.norm_1 = keras.layers.LayerNormalization(
+        self.norm_1 = LayerNorm(
             epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm_1")
         self.dropout = keras.layers.Dropout(dropout_rate,
                                             dtype=self.dtype_policy)
@@ -128,6 +129,11 @@ class EncoderBlock(keras.layers.Layer):
         y = self.norm_0(x)
         y = self.attention(y, y, training=training)
         x = x + self.dropout(y, training=training)
+        # The gradient at the attention residual too: else XLA recomputes
+        # that sum (norm_1's input gradient plus the residual's) in each of
+        # its four consumers (PERFORMANCE.md, "Side by side with the
+        # official code").
+        x = materialize_gradient(x)
         y = self.norm_1(x)
         if not (return_routing or return_metrics):
             return x + self.mlp(y, training=training)

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_e3.layers.attention import LAYER_NORM_EPSILON
 from keras_e3.layers.attention import make_attention
+from keras_e3.layers.layer_norm import LayerNorm
 from keras_e3.layers.mlp import Mlp
 
 
@@ -27,7 +28,7 @@ class MapHead(keras.layers.Layer):
         self.mlp_dim = mlp_dim
         self.qk_norm = bool(qk_norm)
         self.gelu_approximate = bool(gelu_approximate)
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNorm(
             epsilon=LAYER_NORM_EPSILON, dtype=self.dtype_policy, name="norm")
         self.mlp = Mlp(mlp_dim, gelu_approximate=self.gelu_approximate,
                        dtype=self.dtype_policy, name="mlp")
