@@ -90,6 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODELS),
                         choices=MODELS)
     parser.add_argument("--modes", nargs="+", default=list(MODES),
+                        help="in this order, within each model",
                         choices=MODES)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--alternations", type=int, default=3,
@@ -314,17 +315,22 @@ def main(argv=None):
             for mode in args.modes:
                 row = measure_row(args, kind, mode, official, log)
                 result["rows"].append(row)
+                write(args.out, result)  # each row as it is measured
                 print(json.dumps({k: row.get(k) for k in (
                     "model", "mode", "official_img_per_s", "ours_img_per_s",
                     "ratio")}), flush=True)
     result["run"]["load_average_1min_end"] = load()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write(args.out, result)
+    print(json.dumps(result["run"], indent=1))
+    return result
+
+
+def write(path, result):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import write_json_atomic
 
-    write_json_atomic(args.out, result)
-    print(json.dumps(result["run"], indent=1))
-    return result
+    write_json_atomic(path, result)
 
 
 if __name__ == "__main__":
