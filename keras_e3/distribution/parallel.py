@@ -197,7 +197,8 @@ def variable_shardings(model):
 
         model = keras_e3.E3ViT.from_preset("e3_tiny_digits")
     specs = distribution.variable_shardings(model)
-    specs["encoderblock_1/moe/experts/kernel_0"]  # ("expert", None, None)
+    # ("expert", None, None) on a mesh of several devices (None on one):
+    specs["encoderblock_1/moe/experts/kernel_0"]
     ```
     """
     specs = {}
