@@ -46,12 +46,15 @@ def upcycle(model, num_experts, moe_layers, num_selected_experts=None,
         A new `E3ViT` (the input is unchanged).
 
     Example:
-    >>> import keras_e3
-    >>> dense = keras_e3.E3ViT.from_preset("vit_tiny_digits")
-    >>> e3 = upcycle(dense, num_experts=4, moe_layers=(1, 3),
-    ...              num_selected_experts=1, ensemble_size=2)
-    >>> tuple(e3.backbone.moe_layers), e3.ensemble_size
-    ((1, 3), 2)
+    ```python
+    import keras_e3
+
+    dense = keras_e3.E3ViT.from_preset("vit_tiny_digits")
+    e3 = keras_e3.upcycle(dense, num_experts=4, moe_layers=(1, 3),
+                          num_selected_experts=1, ensemble_size=2)
+    assert tuple(e3.backbone.moe_layers) == (1, 3)
+    assert e3.ensemble_size == 2
+    ```
     """
     backbone = getattr(model, "backbone", None)
     if backbone is None:

@@ -58,7 +58,33 @@ def upload_preset(handle, preset_dir, private=False, commit_message=None,
                   token=None):
     """Uploads the local preset directory `preset_dir` to `hf://owner/repo`
     (or a branch: `hf://owner/repo/branch`) with a generated README.md model
-    card unless the directory has one. Returns the commit's URL."""
+    card unless the directory has one, in a single commit.
+
+    Args:
+        handle: `hf://owner/repo` or `hf://owner/repo/branch` (the
+            repository and branch are created when missing).
+        preset_dir: a preset directory written by `save_to_preset`; its
+            checksums are verified before anything is sent.
+        private: create the repository as private.
+        commit_message: the commit's message (default: one naming the
+            preset).
+        token: a Hugging Face token (default: huggingface_hub's login).
+
+    Returns:
+        The commit's URL.
+
+    Example:
+    ```python
+    from keras_e3.presets.files import PresetError
+    from keras_e3.presets.hub import upload_preset
+
+    # Nothing is sent for a folder that is not a verified preset.
+    try:
+        upload_preset("hf://me/my-e3", "no_such_preset")
+    except PresetError as e:
+        print(e)  # No preset directory at 'no_such_preset'.
+    ```
+    """
     import huggingface_hub
     from huggingface_hub import CommitOperationAdd
 
