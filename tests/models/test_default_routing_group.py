@@ -3,6 +3,7 @@ the M copies of E³), as in the paper's configurations. With capacity-bound
 routing the grouping changes which tokens are dropped and the auxiliary
 losses, so a default of 4 images gives other outputs."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -26,6 +27,9 @@ def outputs(ensemble_size, group_size, weights, images):
 
 @pytest.mark.parametrize("ensemble_size", [1, 2])
 def test_default_group_is_eight_images(rng, ensemble_size):
+    # Fixed initial weights: an unlucky draw can route both groupings
+    # alike enough that the auxiliary losses differ by less than 1e-6.
+    keras.utils.set_random_seed(0)
     images = rng.normal(size=(8, 16, 16, 3)).astype("float32")
     per_image = TOKENS * ensemble_size
     backbone, default, default_aux = outputs(ensemble_size, None, None,
