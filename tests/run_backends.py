@@ -9,11 +9,17 @@ fails, runs no test, or skips a test because a golden fixture is missing
 `single_backend` (independent of the Keras backend) run on the first
 backend only.
 
-`--jobs N`: backends run at once (default: 2 where the machine has 2 or
-more cores, else 1). The suite is mostly single-threaded compilation and
-small ops, so two backends side by side on 2 cores take about the time of
-the longest instead of the sum. Their reports are printed whole, one
-backend after the other, as they finish.
+`--jobs N`: pytest processes run at once (default: 2 where the machine has
+2 or more cores, else 1). The suite is mostly single-threaded compilation
+and small ops, so two side by side on 2 cores take about the time of the
+longest instead of the sum. Their reports are printed whole, one after the
+other, as they finish.
+
+Each backend's suite runs as `SHARDS` pytest processes, each on a share of
+the test folders and top-level modules (balanced by size): one process for
+the whole suite grows past 18 GB on TensorFlow (every traced function and
+model it built stays alive) and two side by side exceed a 24 GB machine.
+With explicit test paths in the pytest arguments, one process per backend.
 """
 
 import os
@@ -31,6 +37,36 @@ BACKENDS = ("jax", "tensorflow", "torch")
 # test_vmoe_checkpoint: "native checkpoint fixture not found at ...").
 MISSING_FIXTURE = re.compile(r"fixtures? not found", re.IGNORECASE)
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected)")
+SHARDS = 3
+
+
+def shards(count=SHARDS):
+    """The test folders and top-level test modules of tests/, dealt into
+    `count` lists of about equal size (bytes of test code), largest first;
+    deterministic."""
+    tests = ROOT / "tests"
+    items = []
+    for path in sorted(tests.iterdir()):
+        if path.is_dir():
+            size = sum(f.stat().st_size for f in path.rglob("test_*.py"))
+        elif path.name.startswith("test_") and path.suffix == ".py":
+            size = path.stat().st_size
+        else:
+            continue
+        if size:
+            items.append((size, str(path.relative_to(ROOT))))
+    groups = [[0, []] for _ in range(count)]
+    for size, name in sorted(items, key=lambda item: (-item[0], item[1])):
+        lightest = min(groups, key=lambda group: group[0])
+        lightest[0] += size
+        lightest[1].append(name)
+    return [sorted(names) for _, names in groups if names]
+
+
+def _has_paths(extra):
+    """Whether the pytest arguments name test paths (then no sharding)."""
+    return any(not a.startswith("-") and (ROOT / a.split("::")[0]).exists()
+               for a in extra)
 
 
 def parse_summary(stdout):
@@ -64,16 +100,26 @@ def plan(backends, extra, jobs):
     other tests, so that the longest backend is not also the one that
     runs them all."""
     if "-m" in extra:
-        return [(b, b, [], False) for b in backends]
-    first, rest = backends[0], backends[1:]
-    later = [(b, b, ["-m", "not single_backend"], True) for b in rest]
-    if jobs == 1 or not rest:
-        return [(first, first, [], False)] + later
-    # Either half may select nothing (main() still fails a run in which
-    # no test ran at all).
-    return ([(first, first, ["-m", "not single_backend"], True)] + later
-            + [(first, f"{first} (single_backend tests)",
-                ["-m", "single_backend"], True)])
+        runs = [(b, b, [], False) for b in backends]
+    else:
+        first, rest = backends[0], backends[1:]
+        later = [(b, b, ["-m", "not single_backend"], True) for b in rest]
+        if jobs == 1 or not rest:
+            runs = [(first, first, [], False)] + later
+        else:
+            # Either half may select nothing (main() still fails a run in
+            # which no test ran at all).
+            runs = ([(first, first, ["-m", "not single_backend"], True)]
+                    + later + [(first, f"{first} (single_backend tests)",
+                                ["-m", "single_backend"], True)])
+    if _has_paths(extra):
+        return runs
+    parts = shards()
+    # A shard may select nothing: its run counts as restricted.
+    return [(backend, f"{label} [{i + 1}/{len(parts)}]", select + part,
+             True)
+            for backend, label, select, restricted in runs
+            for i, part in enumerate(parts)]
 
 
 def _start(run, extra):

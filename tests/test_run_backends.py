@@ -77,12 +77,31 @@ def test_backends_side_by_side_add_up(tmp_path, target):
 def test_single_backend_tests_run_once(jobs):
     """On the first backend only; with 2 jobs as a run of their own."""
     runs = run_backends.plan(["jax", "tensorflow", "torch"], [], jobs)
-    assert [r[0] for r in runs].count("tensorflow") == 1
-    selections = [(r[0], " ".join(r[2])) for r in runs]
-    single = [b for b, sel in selections
-              if sel in ("", "-m single_backend")]
-    assert single == ["jax"]
-    assert len(runs) == 3 + (jobs > 1)
+    parts = len(run_backends.shards())
+    assert parts == run_backends.SHARDS
+    assert [r[0] for r in runs].count("tensorflow") == parts
+    markers = [(r[0], " ".join(r[2][:2] if r[2][:1] == ["-m"] else []))
+               for r in runs]
+    single = {b for b, sel in markers if sel in ("", "-m single_backend")}
+    assert single == {"jax"}
+    assert len(runs) == (3 + (jobs > 1)) * parts
+
+
+def test_shards_cover_every_test_once():
+    """Each backend's processes share out the test folders and top-level
+    test modules: each exactly once (what tests/ holds, listed here)."""
+    parts = run_backends.shards()
+    names = [name for part in parts for name in part]
+    tests = run_backends.ROOT / "tests"
+    expected = sorted(
+        f"tests/{p.name}" for p in tests.iterdir()
+        if (p.is_dir() and any(p.rglob("test_*.py")))
+        or (p.name.startswith("test_") and p.suffix == ".py"))
+    assert sorted(names) == expected
+    # explicit paths: one process per backend, unsharded
+    runs = run_backends.plan(["jax", "torch"], ["tests/layers"], 2)
+    assert [r[0] for r in runs] == ["jax", "torch", "jax"]
+    assert all("tests/models" not in r[2] for r in runs)
 
 
 def test_fails_when_a_fixture_is_missing(tmp_path, target):
