@@ -3,14 +3,11 @@ forward pass on random weights (timm: `timm.create_model`, keras-hub:
 `ViTImageClassifier`), never our conversion's.
 """
 
-import math
-import os
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import BACKEND
 from conftest import ROOT
 from conftest import to_numpy
 
