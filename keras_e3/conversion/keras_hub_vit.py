@@ -124,7 +124,8 @@ def to_vmoe(directory):
     params["Encoder/posembed_input/pos_embedding"] = _get(
         weights, emb + "position_embedding/vars/0", source)[None]
     heads = int(cfg["num_heads"])
-    for i, p in enumerate(_blocks(weights)):
+    blocks = _blocks(weights)
+    for i, p in enumerate(blocks):
         q = f"Encoder/encoderblock_{i}/"
         for j in (1, 2):
             params[f"{q}LayerNorm_{j - 1}/scale"] = _get(
@@ -162,7 +163,7 @@ def to_vmoe(directory):
         "hidden_size": int(kernel.shape[-1]),
         "classifier": classifier,
         "representation_size": representation,
-        "encoder": {"num_layers": len(_blocks(weights)), "num_heads": heads,
+        "encoder": {"num_layers": len(blocks), "num_heads": heads,
                     "mlp_dim": int(cfg["mlp_dim"]), "dropout_rate": 0.0,
                     "attention_dropout_rate": 0.0},
         "head_kernel_zero_init": True,
