@@ -4,7 +4,8 @@ on the same parameters (JAX, CPU): the S/32 dense ViT, V-MoE and E³ at
 
     python benchmarks/official_side_by_side.py [--models dense vmoe eee]
         [--modes infer train] [--batch 32] [--alternations 3]
-        [--costs] [--vmoe-env FILE] [--tools DIR] [--params DIR]
+        [--costs] [--allocators default retain]
+        [--vmoe-env FILE] [--tools DIR] [--params DIR]
         [--out benchmarks/results/official_side_by_side_jax.json]
 
 Needs the official code's virtual environment made by
@@ -30,6 +31,12 @@ both compiled programs (official: the step vmoe_bench.py times, compiled
 in its venv; ours: Keras' compiled train / predict step), independent of
 the machine's load.
 
+--allocators: the malloc settings both sides run under, one set of rows
+each: "default" (glibc's defaults) and "retain" (glibc's malloc keeping
+freed memory: our side calls `keras_e3.training.retain_cpu_memory()`
+before anything runs, the official side gets the same three settings
+through GLIBC_TUNABLES, `RETAIN_TUNABLES`).
+
 Without the official environment (or with --skip-official) the official
 side is skipped and recorded as such; our side needs the official
 side's parameters and is skipped too when they are absent.
@@ -52,6 +59,20 @@ OUT = os.path.join(ROOT, "benchmarks", "results",
                    "official_side_by_side_jax.json")
 MODELS = ("dense", "vmoe", "eee")
 MODES = ("infer", "train")
+ALLOCATORS = ("default", "retain")
+# retain_cpu_memory's mallopt settings, as glibc tunables for the official
+# side's process.
+RETAIN_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+                   "glibc.malloc.trim_threshold=2147483647")
+# Our side under "retain": ours_bench.py run after retain_cpu_memory().
+OURS_RETAINED = r"""
+import runpy, sys
+from keras_e3.training import retain_cpu_memory
+if not retain_cpu_memory():
+    sys.exit("retain_cpu_memory() did not apply")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 REPEATS = {"infer": 7, "train": 5}  # ours_bench.py's call counts
 # The issue's targets, ours ÷ official throughput.
 TARGETS = {("dense", "infer"): 1.1, ("vmoe", "infer"): 1.1,
@@ -96,6 +117,10 @@ def parse_args(argv=None):
     parser.add_argument("--alternations", type=int, default=3,
                         help="official/ours process pairs per row (best "
                         "of them per side)")
+    parser.add_argument("--allocators", nargs="+", default=["default"],
+                        choices=ALLOCATORS,
+                        help="malloc settings, both sides (default: "
+                        "glibc's defaults only)")
     parser.add_argument("--costs", action="store_true",
                         help="also XLA's cost analysis of both programs")
     parser.add_argument("--tools", default=TOOLS,
@@ -127,9 +152,12 @@ def official_available(args):
     return True, None
 
 
-def official_command(args, kind, mode, save_params=None):
+def official_command(args, kind, mode, save_params=None,
+                     allocator="default"):
     """argv of one official run (bash sourcing the vmoe venv)."""
-    script = (f"source {q(args.vmoe_env)} && exec python "
+    tunables = (f"export GLIBC_TUNABLES={RETAIN_TUNABLES} && "
+                if allocator == "retain" else "")
+    script = (f"{tunables}source {q(args.vmoe_env)} && exec python "
               f"{q(os.path.join(args.tools, 'vmoe_bench.py'))} --models "
               f"{kind} --batches {args.batch} --repeats "
               f"{1 if save_params else REPEATS[mode]} --json"
@@ -138,10 +166,13 @@ def official_command(args, kind, mode, save_params=None):
     return ["bash", "-c", script]
 
 
-def ours_command(args, kind, mode):
-    """argv of one run of ours_bench.py with this interpreter."""
-    return ([sys.executable, os.path.join(args.tools, "ours_bench.py"),
-             os.path.join(args.params, kind), str(args.batch)]
+def ours_command(args, kind, mode, allocator="default"):
+    """argv of one run of ours_bench.py with this interpreter (after
+    `retain_cpu_memory()` under the "retain" allocator)."""
+    prefix = ([sys.executable, "-c", OURS_RETAINED] if allocator == "retain"
+              else [sys.executable])
+    return (prefix + [os.path.join(args.tools, "ours_bench.py"),
+                      os.path.join(args.params, kind), str(args.batch)]
             + (["--train"] if mode == "train" else []))
 
 
@@ -197,27 +228,29 @@ def ensure_params(args, kinds, log):
                                       save_params=args.params), args.timeout)
 
 
-def measure_row(args, kind, mode, official, log):
+def measure_row(args, kind, mode, official, log, allocator="default"):
     """One model and mode: the alternated runs and each side's best."""
-    row = dict(model=kind, mode=mode, batch=args.batch,
+    row = dict(model=kind, mode=mode, batch=args.batch, allocator=allocator,
                official_runs=[], ours_runs=[])
     for i in range(args.alternations):
         if official:
-            data, cond = run_json(official_command(args, kind, mode),
-                                  args.timeout)
+            data, cond = run_json(official_command(
+                args, kind, mode, allocator=allocator), args.timeout)
             result = data["results"][0]
             row["official_env"] = data.get("env")
             row["official_gflops_per_img"] = result.get("gflops_per_img")
             row["official_runs"].append(dict(
                 img_per_s=result["img_per_s"], median_s=result["median_s"],
                 **cond))
-        data, cond = run_json(ours_command(args, kind, mode), args.timeout)
+        data, cond = run_json(ours_command(args, kind, mode, allocator),
+                              args.timeout)
         row["ours_runs"].append(dict(img_per_s=data["img_per_s"], **cond))
-        log(f"{kind} {mode} alternation {i + 1}: official "
+        log(f"{kind} {mode} ({allocator} malloc) alternation {i + 1}: "
+            "official "
             f"{row['official_runs'][-1]['img_per_s'] if official else '-'}"
             f" img/s, ours {data['img_per_s']} img/s")
     summarize(row)
-    if args.costs:
+    if args.costs and allocator == args.allocators[0]:
         if official:
             row["official_cost"], _ = run_json(
                 official_cost_command(args, kind, mode), args.timeout)
@@ -313,12 +346,14 @@ def main(argv=None):
     else:
         for kind in args.models:
             for mode in args.modes:
-                row = measure_row(args, kind, mode, official, log)
-                result["rows"].append(row)
-                write(args.out, result)  # each row as it is measured
-                print(json.dumps({k: row.get(k) for k in (
-                    "model", "mode", "official_img_per_s", "ours_img_per_s",
-                    "ratio")}), flush=True)
+                for allocator in args.allocators:
+                    row = measure_row(args, kind, mode, official, log,
+                                      allocator)
+                    result["rows"].append(row)
+                    write(args.out, result)  # each row as it is measured
+                    print(json.dumps({k: row.get(k) for k in (
+                        "model", "mode", "allocator", "official_img_per_s",
+                        "ours_img_per_s", "ratio")}), flush=True)
     result["run"]["load_average_1min_end"] = load()
     write(args.out, result)
     print(json.dumps(result["run"], indent=1))

@@ -56,14 +56,17 @@ def test_alternates_and_writes_each_sides_best(tmp_path, monkeypatch):
     ours = iter([11.0, 13.5, 30.0, 20.0])
     calls = []
 
-    def official_command(args, kind, mode, save_params=None):
+    def official_command(args, kind, mode, save_params=None,
+                         allocator="default"):
+        assert allocator == "default"  # the argument's default
         calls.append(("official", kind, mode))
         value = next(official)
         return fake(dict(env={"jax": "x"}, results=[dict(
             img_per_s=value, median_s=round(args.batch / value, 4),
             gflops_per_img=1.5)]))
 
-    def ours_command(args, kind, mode):
+    def ours_command(args, kind, mode, allocator="default"):
+        assert allocator == "default"
         calls.append(("ours", kind, mode))
         return fake(dict(img_per_s=next(ours)))
 
@@ -87,6 +90,7 @@ def test_alternates_and_writes_each_sides_best(tmp_path, monkeypatch):
     assert (vmoe["official_img_per_s"], vmoe["ours_img_per_s"]) == (20, 30)
     assert vmoe["ratio"] == 1.5 and vmoe["target"] == 1.1
     assert [r["img_per_s"] for r in dense["official_runs"]] == [10, 12]
+    assert dense["allocator"] == "default"
     assert all("load_before" in r and "process_s" in r
                for r in dense["ours_runs"] + dense["official_runs"])
 
@@ -105,3 +109,49 @@ def test_official_side_skipped_without_its_environment(tmp_path,
     assert "absent.sh not found" in result["run"]["official_skipped"]
     assert "no official parameters" in result["run"]["ours_skipped"]
     assert result["rows"] == []
+
+
+@pytest.mark.single_backend
+def test_retained_allocator_on_both_sides(tmp_path, monkeypatch):
+    """--allocators default retain: a set of rows each; under "retain" the
+    official process gets retain_cpu_memory's three settings as glibc
+    tunables, ours calls retain_cpu_memory() before ours_bench.py."""
+    args = sbs.parse_args(["--allocators", "default", "retain",
+                           "--vmoe-env", "/x/env.sh", "--tools", "/t",
+                           "--params", "/p"])
+    assert args.allocators == ["default", "retain"]
+    assert sbs.parse_args([]).allocators == ["default"]
+    with pytest.raises(SystemExit):
+        sbs.parse_args(["--allocators", "tcmalloc"])
+    script = sbs.official_command(args, "vmoe", "train",
+                                  allocator="retain")[2]
+    assert script.startswith(
+        "export GLIBC_TUNABLES=glibc.malloc.mmap_max=0:"
+        "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=2147483647 "
+        "&& source '/x/env.sh'")
+    assert "GLIBC_TUNABLES" not in sbs.official_command(args, "vmoe",
+                                                        "train")[2]
+    ours = sbs.ours_command(args, "vmoe", "train", "retain")
+    assert ours[:2] == [sys.executable, "-c"]
+    assert ours[3:] == ["/t/ours_bench.py", "/p/vmoe", "32", "--train"]
+    # The wrapper: retain_cpu_memory() first, then the script as __main__
+    # with its own argv (a stand-in script prints both).
+    from keras_e3.training import cpu_memory
+
+    script_path = tmp_path / "bench.py"
+    script_path.write_text(
+        "import sys, json\n"
+        "from keras_e3.training import cpu_memory\n"
+        "print(json.dumps([sys.argv, cpu_memory._applied, __name__]))\n")
+    import subprocess
+
+    done = subprocess.run(ours[:3] + [str(script_path), "a", "b"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    argv, applied, name = json.loads(done.stdout.strip().splitlines()[-1])
+    assert argv == [str(script_path), "a", "b"]
+    assert applied is True and name == "__main__"
+    # The official side's tunables are the function's own values.
+    assert sbs.RETAIN_TUNABLES.endswith(
+        f"trim_threshold={cpu_memory.MAX_TRIM_THRESHOLD}")
