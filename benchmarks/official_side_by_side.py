@@ -32,10 +32,10 @@ in its venv; ours: Keras' compiled train / predict step), independent of
 the machine's load.
 
 --allocators: the malloc settings both sides run under, one set of rows
-each: "default" (glibc's defaults) and "retain" (glibc's malloc keeping
-freed memory: our side calls `keras_e3.training.retain_cpu_memory()`
-before anything runs, the official side gets the same three settings
-through GLIBC_TUNABLES, `RETAIN_TUNABLES`).
+each: "default" (glibc's defaults) and "retain" (both processes with
+`RETAIN_TUNABLES` in GLIBC_TUNABLES: glibc's malloc keeps freed memory,
+so XLA's per-call scratch buffer is not faulted in again at every call;
+PERFORMANCE.md, "Third round").
 
 Without the official environment (or with --skip-official) the official
 side is skipped and recorded as such; our side needs the official
@@ -60,19 +60,11 @@ OUT = os.path.join(ROOT, "benchmarks", "results",
 MODELS = ("dense", "vmoe", "eee")
 MODES = ("infer", "train")
 ALLOCATORS = ("default", "retain")
-# retain_cpu_memory's mallopt settings, as glibc tunables for the official
-# side's process.
+# "retain": large blocks from malloc's heap instead of mmap, freed memory
+# kept (up to 2 GiB at the top of the heap), one arena for all threads (a
+# non-main arena cannot hold blocks over 64 MB and would mmap them).
 RETAIN_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
                    "glibc.malloc.trim_threshold=2147483647")
-# Our side under "retain": ours_bench.py run after retain_cpu_memory().
-OURS_RETAINED = r"""
-import runpy, sys
-from keras_e3.training import retain_cpu_memory
-if not retain_cpu_memory():
-    sys.exit("retain_cpu_memory() did not apply")
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 REPEATS = {"infer": 7, "train": 5}  # ours_bench.py's call counts
 # The issue's targets, ours ÷ official throughput.
 TARGETS = {("dense", "infer"): 1.1, ("vmoe", "infer"): 1.1,
@@ -167,11 +159,12 @@ def official_command(args, kind, mode, save_params=None,
 
 
 def ours_command(args, kind, mode, allocator="default"):
-    """argv of one run of ours_bench.py with this interpreter (after
-    `retain_cpu_memory()` under the "retain" allocator)."""
-    prefix = ([sys.executable, "-c", OURS_RETAINED] if allocator == "retain"
-              else [sys.executable])
-    return (prefix + [os.path.join(args.tools, "ours_bench.py"),
+    """argv of one run of ours_bench.py with this interpreter (with
+    `RETAIN_TUNABLES` in its environment under the "retain" allocator)."""
+    prefix = (["env", f"GLIBC_TUNABLES={RETAIN_TUNABLES}"]
+              if allocator == "retain" else [])
+    return (prefix + [sys.executable, os.path.join(args.tools,
+                                                   "ours_bench.py"),
                       os.path.join(args.params, kind), str(args.batch)]
             + (["--train"] if mode == "train" else []))
 

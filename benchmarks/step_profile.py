@@ -46,6 +46,9 @@ TOOLS = os.path.join(os.path.dirname(ROOT), "shared", "tools", "vmoe-bench")
 TMP = tempfile.gettempdir()
 OUT = os.path.join(ROOT, "benchmarks", "results", "step_profile_jax.json")
 MODELS = ("dense", "vmoe", "eee")
+# As official_side_by_side.py's "retain" allocator.
+RETAIN_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+                   "glibc.malloc.trim_threshold=2147483647")
 MODES = ("train", "infer")
 # Profiler bookkeeping events, not XLA ops.
 NOT_OPS = ("ThreadpoolListener", "end: ", "ThunkExecutor",
@@ -80,7 +83,8 @@ def parse_args(argv=None):
     parser.add_argument("--allocator", default="default",
                         choices=("default", "retain"),
                         help="glibc's malloc defaults, or both sides "
-                        "keeping freed memory (retain_cpu_memory)")
+                        "keeping freed memory (official_side_by_side.py's "
+                        "RETAIN_TUNABLES)")
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--tools", default=TOOLS)
     parser.add_argument("--vmoe-env", default=os.path.join(TMP,
@@ -234,11 +238,6 @@ def profile_side(argv):
     JSON document."""
     side, kind, mode, batch, calls, source, dump, trace, allocator = argv
     batch, calls = int(batch), int(calls)
-    if side == "ours" and allocator == "retain":
-        from keras_e3.training import retain_cpu_memory
-
-        if not retain_cpu_memory():
-            sys.exit("retain_cpu_memory() did not apply")
     import jax
     from jax.profiler import ProfileData
 
@@ -300,12 +299,11 @@ def side_command(args, side, kind, mode, dump, trace):
             args.tools if side == "official" else args.params, dump, trace,
             args.allocator]
     me = os.path.abspath(__file__)
+    retain = f"GLIBC_TUNABLES={RETAIN_TUNABLES}"
     if side == "ours":
-        return [sys.executable, me, "--side", side] + rest
-    tunables = ("export GLIBC_TUNABLES=glibc.malloc.mmap_max=0:"
-                "glibc.malloc.arena_max=1:"
-                "glibc.malloc.trim_threshold=2147483647 && "
-                if args.allocator == "retain" else "")
+        return ((["env", retain] if args.allocator == "retain" else [])
+                + [sys.executable, me, "--side", side] + rest)
+    tunables = f"export {retain} && " if args.allocator == "retain" else ""
     return ["bash", "-c", f"{tunables}source {q(args.vmoe_env)} && exec "
             f"python {q(me)} --side {side} "
             + " ".join(q(a) for a in rest)]

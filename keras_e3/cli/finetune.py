@@ -2,11 +2,7 @@
 `keras_e3.training.finetune`) and write a new preset."""
 
 import json
-import warnings
 
-import keras
-
-from keras_e3.training.cpu_memory import retain_cpu_memory
 from keras_e3.training.fine_tuning import finetune
 from keras_e3.training.recipe import OPTIMIZERS
 from keras_e3.training.recipe import TRAIN_MODES
@@ -28,21 +24,9 @@ def add_parser(commands):
     parser.add_argument("--train", default="all", choices=TRAIN_MODES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="preset directory")
-    parser.add_argument(
-        "--no-retain-cpu-memory", dest="retain_cpu_memory",
-        action="store_false",
-        help="leave glibc's malloc at its defaults (by default, on JAX, "
-             "the command keeps the scratch memory a CPU training step "
-             "frees for the next step: keras_e3.training.retain_cpu_memory)")
 
 
 def run_command(args, parser):
-    if args.retain_cpu_memory and keras.backend.backend() == "jax":
-        with warnings.catch_warnings():
-            # Measured on JAX only. Where it cannot apply (not glibc, or
-            # JAX already running) the command runs with malloc's defaults.
-            warnings.simplefilter("ignore")
-            retain_cpu_memory()
     try:
         summary = finetune(
             args.preset, args.data, args.out, shots=args.shots,

@@ -1,12 +1,9 @@
 """Training: the paper's fine-tuning recipe (optimizer, schedule, freezing:
 `recipe`), fine-tuning a preset on a dataset (`finetune`) and few-shot
-linear probes (`fewshot`), and `retain_cpu_memory` (glibc's malloc set
-to keep a CPU step's freed scratch memory for the next step). The ensemble
-losses live in `keras_e3.losses`, below the models that compile with
-them."""
+linear probes (`fewshot`). The ensemble losses live in `keras_e3.losses`,
+below the models that compile with them."""
 
 from keras_e3.training import fewshot
-from keras_e3.training.cpu_memory import retain_cpu_memory
 from keras_e3.training.fine_tuning import finetune
 from keras_e3.training.recipe import OPTIMIZERS
 from keras_e3.training.recipe import TRAIN_MODES

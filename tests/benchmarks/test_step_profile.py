@@ -112,7 +112,10 @@ def test_arguments_and_commands():
     args = sp.parse_args(["--vmoe-env", "/x/env.sh", "--tools", "/t",
                           "--params", "/p", "--allocator", "retain"])
     ours = sp.side_command(args, "ours", "eee", "infer", "/d", "/tr")
-    assert ours[0] == sys.executable and ours[2:] == [
+    assert ours[:2] == ["env", "GLIBC_TUNABLES=glibc.malloc.mmap_max=0:"
+                        "glibc.malloc.arena_max=1:"
+                        "glibc.malloc.trim_threshold=2147483647"]
+    assert ours[2] == sys.executable and ours[4:] == [
         "--side", "ours", "eee", "infer", "32", "3", "/p", "/d", "/tr",
         "retain"]
     official = sp.side_command(args, "official", "vmoe", "train", "/d",
@@ -123,6 +126,8 @@ def test_arguments_and_commands():
     assert official.endswith("--side official 'vmoe' 'train' '32' '3' "
                              "'/t' '/d' '/tr' 'retain'")
     args.allocator = "default"
+    assert sp.side_command(args, "ours", "eee", "infer", "/d",
+                           "/tr")[0] == sys.executable
     assert "GLIBC_TUNABLES" not in sp.side_command(
         args, "official", "vmoe", "train", "/d", "/tr")[2]
 

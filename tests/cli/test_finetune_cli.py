@@ -138,25 +138,3 @@ def test_predict_prints_ensemble_and_members(capsys, tmp_path):
     code, stdout, _ = run(capsys, "predict", "--preset", e3,
                           str(tmp_path / "missing.png"))
     assert code == 1 and "No such image file" in stdout
-
-
-@pytest.mark.parametrize("flag", [[], ["--no-retain-cpu-memory"]])
-def test_finetune_retains_cpu_memory_on_jax_unless_told(capsys, tmp_path,
-                                                         monkeypatch, flag):
-    """The command sets glibc's malloc to keep freed memory (on JAX only,
-    where it was measured) before training, unless told not to. Stubs
-    stand in for both calls: the real setting is process-wide
-    (tests/training/test_cpu_memory.py checks it in its own processes)."""
-    from keras_e3.cli import finetune as command
-
-    calls = []
-    monkeypatch.setattr(command, "retain_cpu_memory",
-                        lambda: calls.append("retain") or True)
-    monkeypatch.setattr(command, "finetune",
-                        lambda *a, **k: calls.append("finetune") or {})
-    code, _, stderr = run(capsys, "finetune", "--preset", VIT_DIGITS,
-                          "--data", "digits", "--out",
-                          str(tmp_path / "out"), *flag)
-    assert code == 0, stderr
-    on_jax = keras.backend.backend() == "jax" and not flag
-    assert calls == (["retain", "finetune"] if on_jax else ["finetune"])
