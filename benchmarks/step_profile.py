@@ -171,6 +171,26 @@ def aggregate(thread_events, hlo_text, calls):
                  for op, ms in per_op.most_common(25)])
 
 
+def ran_module(dump, threads):
+    """(HLO text, file name) of the dumped optimised module the profiled
+    ops belong to: the one that defines the most of their names (the
+    process also compiled other programs: the official side's parameter
+    initialisation, for one)."""
+    ran = {name for events in threads.values() for _, _, name in events}
+    best = (-1, None, None)
+    for path in glob.glob(os.path.join(dump, "*after_optimizations.txt")):
+        if "buffer" in os.path.basename(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        defined = set(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", text,
+                                 re.MULTILINE))
+        hits = len(ran & defined)
+        if hits > best[0]:
+            best = (hits, text, os.path.basename(path))
+    return best[1], best[2]
+
+
 # ----------------------------------------------------------------------
 # One side, in its own process (`--side`).
 
@@ -267,11 +287,7 @@ def profile_side(argv):
                 continue
             threads[f"{plane.name}/{line.name}"] = [
                 (e.start_ns, e.duration_ns, e.name) for e in line.events]
-    modules = [p for p in glob.glob(os.path.join(
-        dump, "*after_optimizations.txt")) if "buffer" not in p]
-    largest = max(modules, key=os.path.getsize)
-    with open(largest) as f:
-        hlo = f.read()
+    hlo, module = ran_module(dump, threads)
     result = dict(side=side, model=kind, mode=mode, batch=batch,
                   allocator=allocator, calls=calls,
                   wall_ms=round(statistics.median(times) * 1e3, 1),
@@ -281,7 +297,7 @@ def profile_side(argv):
                       (after.ru_stime - before.ru_stime) / calls, 3),
                   user_s_per_call=round(
                       (after.ru_utime - before.ru_utime) / calls, 3),
-                  module=os.path.basename(largest),
+                  module=module,
                   **aggregate(threads, hlo, calls))
     print(json.dumps(result))
 

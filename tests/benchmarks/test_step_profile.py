@@ -145,3 +145,18 @@ def test_without_official_env_or_params_writes_what_it_has(tmp_path,
     assert "absent.sh not found" in result["run"]["official_skipped"]
     assert result["run"]["missing_params"] == ["dense", "vmoe", "eee"]
     assert result["rows"] == []
+
+
+def test_the_module_that_ran_is_the_one_defining_the_profiled_ops(tmp_path):
+    (tmp_path / "module_0001.jit__lambda.cpu_after_optimizations.txt"
+     ).write_text("ENTRY %init {\n  %copy.5 = f32[8] copy(%p)\n"
+                  + "  %rng.1 = f32[8] rng(%p)\n" * 50 + "}\n")
+    (tmp_path / "module_0002.jit_step.cpu_after_optimizations.txt"
+     ).write_text(HLO)
+    (tmp_path / "module_0002.jit_step.cpu_after_optimizations"
+     "-buffer-assignment.txt").write_text(HLO * 3)
+    threads = {"a": [(0, 1, "ynn_fusion.3"), (2, 1, "cond.7")],
+               "b": [(0, 1, "copy.5"), (3, 1, "H2D Dispatch")]}
+    text, name = sp.ran_module(str(tmp_path), threads)
+    assert name == "module_0002.jit_step.cpu_after_optimizations.txt"
+    assert text == HLO
