@@ -109,3 +109,32 @@ def test_tiles_backward_exact_gelu_against_finite_differences():
         minus[idx] -= h
         expected[idx] = (numpy_loss(plus) - numpy_loss(minus)) / (2 * h)
     np.testing.assert_allclose(grads[1], expected, atol=1e-4, rtol=1e-4)
+
+
+def tanh_gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi)
+                                    * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("approximate, reference",
+                         [(True, tanh_gelu), (False, exact_gelu)])
+def test_gelu_gradient_against_finite_differences(approximate, reference,
+                                                  jit):
+    """`gelu` as the MLPs call it (on JAX with its gradient written out,
+    keeping only the pre-activation): d/dx of sum(w · gelu(x)) against
+    float64 central differences of the NumPy forms."""
+    from keras_e3.layers.expert_tiles import gelu
+
+    x = np.linspace(-6.0, 6.0, 97).reshape(1, 97)
+    w = np.random.default_rng(0).normal(size=x.shape)
+    h = 1e-6
+    expected = w * (reference(x + h) - reference(x - h)) / (2 * h)
+    (actual,) = gradients(
+        lambda x: ops.sum(ops.convert_to_tensor(w.astype("float32"))
+                          * gelu(x, approximate)),
+        [x.astype("float32")], jit=jit)
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(gelu(ops.convert_to_tensor(x, "float32"), approximate)),
+        reference(x), atol=2e-6)
