@@ -127,15 +127,20 @@ def _backward(dy, x, pre, params, tile_expert, num_used, tile_size,
               approximate=True):
     """Gradients (x, kernel_0, bias_0, kernel_1, bias_1) from dy [rows, H]."""
     num_tiles = x.shape[0] // tile_size
-    # The kernels transposed once, outside the loop: a matmul with a
-    # transposed slice ran at half the rate on XLA's CPU backend.
-    kernels_t = [ops.transpose(params[n], (0, 2, 1)) for n in (0, 2)]
+    kernels = [params[0], params[2]]
 
     def run(i, e):
-        kernel_0_t, kernel_1_t = _expert(kernels_t, e)
+        # Products with the expert's kernels transposed inside the dot
+        # (contracting their last axis): XLA's CPU backend (YNNPACK) runs
+        # them as fast as on kernels transposed beforehand, and the step no
+        # longer transposes every expert's kernels, [E, H, F] and
+        # [E, F, H], at each call (4 copies of 32 MB, ~22 ms each, in the
+        # E³ S/32 training step; PERFORMANCE.md, "Third round").
+        kernel_0, kernel_1 = _expert(kernels, e)
         x_t, pre_t, dy_t = (_tile(a, i, tile_size) for a in (x, pre, dy))
-        d_pre = ops.matmul(dy_t, kernel_1_t) * gelu_grad(pre_t, approximate)
-        return (ops.matmul(d_pre, kernel_0_t),
+        d_pre = ops.einsum("th,fh->tf", dy_t, kernel_1) * gelu_grad(
+            pre_t, approximate)
+        return (ops.einsum("tf,hf->th", d_pre, kernel_0),
                 ops.matmul(ops.transpose(x_t), d_pre), ops.sum(d_pre, 0),
                 ops.matmul(ops.transpose(gelu(pre_t, approximate)), dy_t),
                 ops.sum(dy_t, 0))
