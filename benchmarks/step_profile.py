@@ -41,14 +41,16 @@ import sys
 import tempfile
 import time
 
+# Its "retain" malloc settings and shell quoting (stdlib only, as here: this
+# file also runs in the official code's venv).
+from official_side_by_side import RETAIN_TUNABLES
+from official_side_by_side import q
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(os.path.dirname(ROOT), "shared", "tools", "vmoe-bench")
 TMP = tempfile.gettempdir()
 OUT = os.path.join(ROOT, "benchmarks", "results", "step_profile_jax.json")
 MODELS = ("dense", "vmoe", "eee")
-# As official_side_by_side.py's "retain" allocator.
-RETAIN_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
-                   "glibc.malloc.trim_threshold=2147483647")
 MODES = ("train", "infer")
 # Profiler bookkeeping events, not XLA ops.
 NOT_OPS = ("ThreadpoolListener", "end: ", "ThunkExecutor",
@@ -304,10 +306,6 @@ def profile_side(argv):
 
 # ----------------------------------------------------------------------
 # The parent: both sides, each model and mode.
-
-
-def q(text):
-    return "'" + str(text).replace("'", "'\\''") + "'"
 
 
 def side_command(args, side, kind, mode, dump, trace):
