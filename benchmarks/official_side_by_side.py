@@ -52,7 +52,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 TOOLS = os.path.join(os.path.dirname(ROOT), "shared", "tools", "vmoe-bench")
 TMP = tempfile.gettempdir()
 OUT = os.path.join(ROOT, "benchmarks", "results",
@@ -72,29 +73,16 @@ TARGETS = {("dense", "infer"): 1.1, ("vmoe", "infer"): 1.1,
            ("vmoe", "train"): 1.1, ("eee", "train"): 1.1}
 
 # Run in the official venv (a subprocess): the official step's compiled
-# cost, built exactly as vmoe_bench.py builds the step it times.
+# cost, the step `official_jitted` captures (this folder on the path).
 OFFICIAL_COST = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import jax, vmoe_bench
-real_jit = jax.jit
-class Jitted:  # jax.jit, whose first lower().compile() prints its cost
-    def __init__(self, f):
-        self.f = f
-    def __call__(self, *args):
-        return self.f(*args)
-    def lower(self, *args):
-        lowered = self.f.lower(*args)
-        class Lowered:
-            def compile(self):
-                cost = lowered.compile().cost_analysis()
-                cost = cost[0] if isinstance(cost, list) else cost
-                print(json.dumps({k: float(cost[k]) for k in
-                                  ("flops", "bytes accessed")}))
-                sys.exit(0)
-        return Lowered()
-jax.jit = lambda fn, *a, **k: Jitted(real_jit(fn, *a, **k))
-vmoe_bench.run(sys.argv[2], int(sys.argv[3]), 1, sys.argv[4] == "train")
+from official_side_by_side import official_jitted
+fn, args = official_jitted(sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                           sys.argv[5])
+cost = fn.lower(*args).compile().cost_analysis()
+cost = cost[0] if isinstance(cost, list) else cost
+print(json.dumps({k: float(cost[k]) for k in ("flops", "bytes accessed")}))
 """
 
 
@@ -171,9 +159,46 @@ def ours_command(args, kind, mode, allocator="default"):
 
 def official_cost_command(args, kind, mode):
     script = (f"source {q(args.vmoe_env)} && exec python -c "
-              f"{q(OFFICIAL_COST)} {q(args.tools)} {kind} {args.batch} "
-              f"{mode}")
+              f"{q(OFFICIAL_COST)} {q(HERE)} {q(args.tools)} {kind} "
+              f"{args.batch} {mode}")
     return ["bash", "-c", script]
+
+
+def official_jitted(tools, kind, batch, mode):
+    """(the jitted function, its arguments): the official step exactly as
+    `vmoe_bench.run` in `tools` builds it for `kind` and `mode`, captured
+    at its `lower` (run in the official code's venv; vmoe_bench.run stops
+    there, before compiling or timing anything)."""
+    sys.path.insert(0, tools)
+    import jax
+    import vmoe_bench
+
+    captured = {}
+
+    class Captured(Exception):
+        pass
+
+    real_jit = jax.jit
+
+    class Jitted:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+        def lower(self, *args):
+            captured.update(fn=self.fn, args=args)
+            raise Captured
+
+    jax.jit = lambda fn, *a, **k: Jitted(real_jit(fn, *a, **k))
+    try:
+        vmoe_bench.run(kind, batch, 1, mode == "train")
+    except Captured:
+        pass
+    finally:
+        jax.jit = real_jit
+    return captured["fn"], captured["args"]
 
 
 def ours_cost_command(args, kind, mode):
@@ -278,7 +303,7 @@ def ours_cost(directory, batch, mode):
     import keras
     import numpy as np
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, HERE)
     import keras_e3
     from overhead import cost
     from overhead import keras_compiled
@@ -355,7 +380,7 @@ def main(argv=None):
 
 def write(path, result):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, HERE)
     from _common import write_json_atomic
 
     write_json_atomic(path, result)

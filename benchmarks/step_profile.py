@@ -41,9 +41,11 @@ import sys
 import tempfile
 import time
 
-# Its "retain" malloc settings and shell quoting (stdlib only, as here: this
-# file also runs in the official code's venv).
+# Its "retain" malloc settings, shell quoting and capture of the official
+# step (stdlib only at import, as here: this file also runs in the official
+# code's venv).
 from official_side_by_side import RETAIN_TUNABLES
+from official_side_by_side import official_jitted
 from official_side_by_side import q
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,38 +200,11 @@ def ran_module(dump, threads):
 
 
 def official_step(tools, kind, batch, mode):
-    """The official jitted step and its arguments, exactly as
-    vmoe_bench.run builds them (captured at its `lower`)."""
-    sys.path.insert(0, tools)
+    """The official jitted step as the side-by-side benchmark times it
+    (`official_jitted`), ready to call."""
     import jax
-    import vmoe_bench
 
-    captured = {}
-
-    class Captured(Exception):
-        pass
-
-    real_jit = jax.jit
-
-    class Jitted:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __call__(self, *args):
-            return self.fn(*args)
-
-        def lower(self, *args):
-            captured.update(fn=self.fn, args=args)
-            raise Captured
-
-    jax.jit = lambda fn, *a, **k: Jitted(real_jit(fn, *a, **k))
-    try:
-        vmoe_bench.run(kind, batch, 1, mode == "train")
-    except Captured:
-        pass
-    finally:
-        jax.jit = real_jit
-    fn, args = captured["fn"], captured["args"]
+    fn, args = official_jitted(tools, kind, batch, mode)
     return lambda: jax.block_until_ready(fn(*args))
 
 
