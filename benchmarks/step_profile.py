@@ -54,6 +54,8 @@ TMP = tempfile.gettempdir()
 OUT = os.path.join(ROOT, "benchmarks", "results", "step_profile_jax.json")
 MODELS = ("dense", "vmoe", "eee")
 MODES = ("train", "infer")
+# The start of an HLO instruction's line; group 1: its name.
+INSTRUCTION = r"^\s*(?:ROOT )?%?([\w.\-]+) = "
 # Profiler bookkeeping events, not XLA ops.
 NOT_OPS = ("ThreadpoolListener", "end: ", "ThunkExecutor",
            "SlinkyThreadPool")
@@ -127,7 +129,7 @@ def exclusive_times(events):
 def op_names(hlo_text):
     """{instruction name: op_name metadata} of an optimised HLO module."""
     names = {}
-    pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
+    pattern = re.compile(INSTRUCTION + r'.*?op_name="([^"]*)"')
     for line in hlo_text.splitlines():
         match = pattern.match(line)
         if match:
@@ -187,8 +189,7 @@ def ran_module(dump, threads):
             continue
         with open(path) as f:
             text = f.read()
-        defined = set(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", text,
-                                 re.MULTILINE))
+        defined = set(re.findall(INSTRUCTION, text, re.MULTILINE))
         hits = len(ran & defined)
         if hits > best[0]:
             best = (hits, text, os.path.basename(path))

@@ -36,27 +36,28 @@ class LayerNorm(keras.layers.LayerNormalization):
             y = _layer_norm(x, ops.cast(self.gamma, dtype),
                             ops.cast(self.beta, dtype), self.epsilon)
             return ops.cast(y, self.compute_dtype)
-        # Reduced to [..., ] and reshaped to [..., 1] as Flax does:
-        # keepdims=True gives XLA a [..., 1] layout to copy in the backward
-        # pass, and it then recomputes the residual stream's gradient in
-        # each of its consumers instead of once.
-        mean, rstd = _statistics(x, self.epsilon)
-        stats_shape = tuple(ops.shape(x)[:-1]) + (1,)
-        mul = ops.reshape(rstd, stats_shape)
+        mean, mul = _statistics(x, self.epsilon)
         if self.gamma is not None:
             mul = mul * ops.cast(self.gamma, dtype)
-        y = (x - ops.reshape(mean, stats_shape)) * mul
+        y = (x - mean) * mul
         if self.beta is not None:
             y = y + ops.cast(self.beta, dtype)
         return ops.cast(y, self.compute_dtype)
 
 
 def _statistics(x, epsilon):
-    """Flax's one-pass mean and 1 / std over the last axis, each [...]."""
+    """Flax's one-pass mean and 1 / std over the last axis, each [..., 1].
+
+    Reduced to [...] and reshaped to [..., 1] as Flax does: keepdims=True
+    gives XLA a [..., 1] layout to copy in the backward pass, and it then
+    recomputes the residual stream's gradient in each of its consumers
+    instead of once."""
     mean = ops.mean(x, axis=-1)
     mean2 = ops.mean(ops.square(x), axis=-1)
     var = ops.maximum(0.0, mean2 - ops.square(mean))
-    return mean, ops.rsqrt(var + epsilon)
+    stats_shape = tuple(ops.shape(x)[:-1]) + (1,)
+    return (ops.reshape(mean, stats_shape),
+            ops.reshape(ops.rsqrt(var + epsilon), stats_shape))
 
 
 @ops.custom_gradient
@@ -76,9 +77,6 @@ def _layer_norm(x, gamma, beta, epsilon):
     any row whose features are not all equal.
     """
     mean, rstd = _statistics(x, epsilon)
-    stats_shape = tuple(ops.shape(x)[:-1]) + (1,)
-    mean = ops.reshape(mean, stats_shape)
-    rstd = ops.reshape(rstd, stats_shape)
     y = (x - mean) * (rstd * gamma) + beta
 
     def grad(*args, upstream=None):
