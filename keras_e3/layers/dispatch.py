@@ -17,7 +17,7 @@ state, no [G, S, E, C] tensor, same capacity, same dropped tokens, same
 combine weights. `TiledDispatcher` is the gather path without the empty
 capacity slots: the kept tokens sorted by expert in tiles, run through the
 experts tile by tile (`keras_e3.layers.expert_tiles`); `BucketDispatcher`
-runs them at a few static row counts for inference.
+runs each expert on its own rows at one of a few static row counts.
 
 The router contract: every router's `route(x, valid, training, options)`
 returns `(dispatcher, metrics)`, the dispatcher a `Dispatcher` (the
@@ -496,15 +496,17 @@ class TiledDispatcher(SortedDispatcher):
 
 
 class BucketDispatcher(SortedDispatcher):
-    """The gather path for inference without most empty capacity slots and
-    without a loop: each expert owns `rows_bound` rows (all it can keep),
-    and the experts run as one batched product on the first B rows of
-    each, B the smallest of a few static sizes (`row_buckets`) that holds
-    the busiest expert's rows (`ExpertsMlp.call_buckets`: one compiled
-    branch per size). With even loads that is about G·S·K rows, against
-    E·G·C for the buffers and whole tiles of each expert for
-    `TiledDispatcher`. Not for training: the gradient of a switch between
-    branches carries every branch's intermediates.
+    """The gather path without most empty capacity slots, for inference
+    and training: each expert owns a segment of `rows_bound` rows (all it can keep), its
+    kept rows first, and runs on the first B_e rows of its segment, B_e the
+    smallest of a few static sizes (`segment_sizes`) that holds its own
+    rows (`ExpertsMlp.call_buckets`: a loop over the experts, one compiled
+    branch per size). The work follows each expert's load, not the busiest
+    expert's nor the capacity: about G·S·K rows plus E·step/2 of padding,
+    against E·G·C for the buffers and whole tiles of each expert for
+    `TiledDispatcher`. For training the loop has its own backward pass
+    (`expert_segments`; autodiff of a switch would carry every branch's
+    intermediates), so not with expert dropout.
     """
 
     layout = "buckets"
@@ -512,14 +514,12 @@ class BucketDispatcher(SortedDispatcher):
     def _layout(self, groups, group_size, k, capacity):
         self.rows_bound = bound = expert_rows_bound(groups, group_size,
                                                     capacity)
-        self.buckets = row_buckets(groups * group_size * k / self.num_experts,
-                                   bound)
-        self.busiest = ops.max(self.rows_per_expert)
+        self.buckets = segment_sizes(bound)
         return (ops.arange(self.num_experts, dtype="int32") * bound,
                 self.num_experts * bound)
 
     def run_experts(self, experts, x, training=None):
-        return experts.call_buckets(x, self.busiest, self.buckets,
+        return experts.call_buckets(x, self.rows_per_expert, self.buckets,
                                     training=training)
 
 
@@ -529,33 +529,22 @@ def expert_rows_bound(groups, group_size, capacity):
     return groups * min(capacity, group_size)
 
 
-def row_buckets(mean_rows, rows_bound, ratio=1.05, multiple_of=8):
-    """The static row counts of `BucketDispatcher`'s branches: half the
-    mean rows per expert, then from the mean up by `ratio` (the padding
-    above the busiest expert's rows is then at most about 5%), and
-    `rows_bound`; each rounded up to a multiple of `multiple_of` and at
-    most `rows_bound`."""
-    sizes = {rows_bound, mean_rows / 2}
-    size = mean_rows
-    while size < rows_bound:
-        sizes.add(size)
-        size *= ratio
-    rounded = (-(-math.ceil(size) // multiple_of) * multiple_of
-               for size in sizes)
-    return sorted({max(1, min(rows_bound, size)) for size in rounded})
+def segment_sizes(rows_bound, branches=16, multiple_of=8):
+    """The static row counts `BucketDispatcher`'s experts run at: 0 (an
+    expert with no rows computes nothing), then every multiple of a step
+    (about `rows_bound` / `branches`, rounded up to a multiple of
+    `multiple_of`) below `rows_bound`, and `rows_bound`. An expert's
+    padding is under one step.
 
+    Example:
 
-def buckets_pay(groups, group_size, num_experts, num_selected_experts,
-                capacity, min_saving=0.1):
-    """Whether `BucketDispatcher` can save at least `min_saving` of the
-    capacity buffers' rows: with even loads it computes about G·S·K rows
-    against E·G·min(C, S) (every row an expert can keep). Below that,
-    its branches are not worth their compile time."""
-    if not isinstance(groups, int):
-        return False
-    bound = num_experts * expert_rows_bound(groups, group_size, capacity)
-    return groups * group_size * num_selected_experts <= \
-        (1 - min_saving) * bound
+    >>> segment_sizes(608)
+    [0, 40, 80, 120, 160, 200, 240, 280, 320, 360, 400, 440, 480, 520, 560, 600, 608]
+    >>> segment_sizes(13)
+    [0, 8, 13]
+    """
+    step = -(-math.ceil(rows_bound / branches) // multiple_of) * multiple_of
+    return [0] + list(range(step, rows_bound, step)) + [rows_bound]
 
 
 def tile_count(groups, group_size, num_experts, num_selected_experts,
@@ -631,11 +620,14 @@ def buckets_supported(backend=None):
 def gather_layout(groups, group_size, num_experts, num_selected_experts,
                   capacity, tile_size=None, row_buckets=False):
     """The gather path's layout of the experts' rows for these shapes:
-    "buckets" (`BucketDispatcher`) with `row_buckets` where they pay, else
-    "tiles" (`TiledDispatcher`) with `tile_size` where they pay, else
-    "buffers" (`GatherDispatcher`, the capacity buffers)."""
+    "buckets" (`BucketDispatcher`) with `row_buckets` where the number of
+    groups is static (its segments' size depends on it; each expert's
+    work follows its load, so at most the buffers' rows even when every
+    expert is full), else "tiles" (`TiledDispatcher`) with `tile_size`
+    where they pay, else "buffers" (`GatherDispatcher`, the capacity
+    buffers)."""
     shape = (groups, group_size, num_experts, num_selected_experts, capacity)
-    if row_buckets and buckets_pay(*shape):
+    if row_buckets and isinstance(groups, int):
         return "buckets"
     if tiles_pay(*shape, tile_size):
         return "tiles"
@@ -675,7 +667,7 @@ def dispatch_plan(router="top_k", implementation="auto", groups=None,
             layouts shard the capacity buffers).
         expert_dropout: the experts have dropout (no tiles in training).
         tile_size: rows per tile for the tiled layout (0/None: none).
-        row_buckets: allow the bucketed layout for inference.
+        row_buckets: allow the bucketed layout (`BucketDispatcher`).
         backend: "jax", "tensorflow" or "torch" (default: Keras' backend).
 
     Returns:
@@ -704,7 +696,8 @@ def dispatch_plan(router="top_k", implementation="auto", groups=None,
     tiles = tile_size if (plain and tile_size
                           and not (training and expert_dropout)
                           and tiles_supported(training, backend)) else None
-    buckets = bool(plain and row_buckets and not training
+    buckets = bool(plain and row_buckets
+                   and not (training and expert_dropout)
                    and buckets_supported(backend))
     if implementation == "einsum":
         return DispatchPlan("einsum", tiles, buckets)
@@ -744,7 +737,7 @@ def make_dispatcher(gates, num_selected_experts, capacity,
         implementation: "einsum", "gather" or "auto".
         dtype: dtype of the data movements (e.g. "bfloat16").
         tile_size: the tiled layout's rows per tile where it pays.
-        row_buckets: the bucketed layout where it pays (inference only).
+        row_buckets: the bucketed layout where the groups are static.
 
     Returns:
         A `Dispatcher`.

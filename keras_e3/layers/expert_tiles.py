@@ -79,9 +79,13 @@ def expert_mlp(rows, kernel_0, bias_0, kernel_1, bias_1, approximate=True):
 
 def _expert(params, e):
     """Expert e's slices of the stacked [E, ...] weights."""
-    return [ops.squeeze(ops.slice(w, (e,) + (0,) * (len(w.shape) - 1),
-                                  (1,) + tuple(w.shape[1:])), 0)
-            for w in params]
+    return [_segment(w, e) for w in params]
+
+
+def _segment(a, e):
+    """a[e] of a stacked [E, ...] array, e a traced index."""
+    return ops.squeeze(ops.slice(a, (e,) + (0,) * (len(a.shape) - 1),
+                                 (1,) + tuple(a.shape[1:])), 0)
 
 
 def _tile(x, i, tile_size):
@@ -181,6 +185,125 @@ def _grouped_eager(x, params, tile_expert, num_used, tile_size,
     outputs.append(ops.zeros((x.shape[0] - start * tile_size, x.shape[-1]),
                              x.dtype))
     return ops.concatenate(outputs, axis=0)
+
+
+def _padded(a, rows):
+    """a [n, ...] with zero rows appended up to `rows`."""
+    return ops.pad(a, ((0, rows - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
+
+
+def _loop_over_experts(num_experts, sizes, rows_per_expert, branch, inputs,
+                       init):
+    """For each expert e: the outputs of `branch(B_e)` on (each of
+    `inputs`' [E, ...] slices at e, ...), B_e the smallest of `sizes` that
+    holds rows_per_expert[e], written at e into `init`'s [E, ...] arrays."""
+    limits = ops.convert_to_tensor(list(sizes[:-1]), "int32")
+    branches = [branch(size) for size in sizes]
+
+    def body(e, carry):
+        index = ops.sum(ops.cast(limits < rows_per_expert[e], "int32"))
+        outputs = ops.switch(index, branches,
+                             *[_segment(a, e) for a in inputs])
+        return tuple(ops.slice_update(total, (e,) + (0,) * (total.ndim - 1),
+                                      out[None])
+                     for total, out in zip(carry, outputs))
+
+    return ops.fori_loop(0, num_experts, body, tuple(init))
+
+
+def _segments_forward(x, params, rows_per_expert, sizes, keep_pre,
+                      approximate=True):
+    """y [E, bound, H] (and the pre-activations [E, bound, F] if
+    keep_pre)."""
+    num_experts, bound, hidden = x.shape
+    mlp_dim = params[0].shape[-1]
+
+    def branch(size):
+        def run(rows, kernel_0, bias_0, kernel_1, bias_1):
+            if size == 0:
+                y = ops.zeros((bound, hidden), rows.dtype)
+                pre = ops.zeros((bound, mlp_dim), rows.dtype)
+            else:
+                pre = ops.matmul(rows[:size], kernel_0) + bias_0
+                y = _padded(ops.matmul(gelu(pre, approximate), kernel_1)
+                            + bias_1, bound)
+                pre = _padded(pre, bound)
+            return (y, pre) if keep_pre else (y,)
+        return run
+
+    init = [ops.zeros_like(x)]
+    if keep_pre:
+        init.append(ops.zeros((num_experts, bound, mlp_dim), x.dtype))
+    return _loop_over_experts(num_experts, sizes, rows_per_expert, branch,
+                              [x] + list(params), init)
+
+
+def _segments_backward(dy, x, pre, params, rows_per_expert, sizes,
+                       approximate=True):
+    """Gradients (x, kernel_0, bias_0, kernel_1, bias_1) from dy
+    [E, bound, H]: each expert's from its first B_e rows (the rows past
+    its own are zeros in x and dy: they add nothing)."""
+    bound = x.shape[1]
+
+    def branch(size):
+        def run(x_e, pre_e, dy_e, kernel_0, kernel_1):
+            if size == 0:
+                return (ops.zeros_like(x_e), ops.zeros_like(kernel_0),
+                        ops.zeros(kernel_0.shape[-1:], x_e.dtype),
+                        ops.zeros_like(kernel_1),
+                        ops.zeros(kernel_1.shape[-1:], x_e.dtype))
+            x_t, pre_t, dy_t = x_e[:size], pre_e[:size], dy_e[:size]
+            # The kernels transposed inside the dots, as in `_backward`.
+            d_pre = ops.einsum("th,fh->tf", dy_t, kernel_1) * gelu_grad(
+                pre_t, approximate)
+            return (_padded(ops.einsum("tf,hf->th", d_pre, kernel_0), bound),
+                    ops.matmul(ops.transpose(x_t), d_pre), ops.sum(d_pre, 0),
+                    ops.matmul(ops.transpose(gelu(pre_t, approximate)), dy_t),
+                    ops.sum(dy_t, 0))
+        return run
+
+    init = [ops.zeros_like(x)] + [ops.zeros_like(w) for w in params]
+    return _loop_over_experts(x.shape[0], sizes, rows_per_expert, branch,
+                              [x, pre, dy, params[0], params[2]], init)
+
+
+def expert_segments(x, params, rows_per_expert, sizes, differentiable=False,
+                    approximate=True):
+    """Each expert on the first rows of its own segment.
+
+    x [E, bound, H]: expert e's rows at the start of x[e], rows_per_expert
+    [E] of them. A loop over the experts; expert e runs on its first B_e
+    rows, B_e the smallest of `sizes` (static, ascending, the last `bound`)
+    that is at least rows_per_expert[e]: one compiled branch per size, so
+    each product follows its expert's load. Rows past B_e are zeros.
+    params: the stacked (kernel_0 [E, H, F], bias_0 [E, F], kernel_1
+    [E, F, H], bias_1 [E, H]).
+
+    With `differentiable=True` the loop has a hand-written backward pass, a
+    second loop over the experts on the same rows (the gradient of a switch
+    would carry every branch's intermediates); the forward pass then keeps
+    the pre-activations [E, bound, F].
+    """
+    params = [ops.cast(getattr(w, "value", w), x.dtype) for w in params]
+    if not differentiable:
+        return _segments_forward(x, params, rows_per_expert, sizes,
+                                 keep_pre=False, approximate=approximate)[0]
+
+    @ops.custom_gradient
+    def run(x, kernel_0, bias_0, kernel_1, bias_1):
+        weights = (kernel_0, bias_0, kernel_1, bias_1)
+        y, pre = _segments_forward(x, weights, rows_per_expert, sizes,
+                                   keep_pre=True, approximate=approximate)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return _segments_backward(upstream, x, pre, weights,
+                                      rows_per_expert, sizes, approximate)
+
+        return y, grad
+
+    return run(x, *params)
 
 
 def expert_tiles(x, params, tile_expert, num_used, tile_size,

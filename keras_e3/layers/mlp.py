@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from keras_e3.layers.expert_tiles import expert_mlp
+from keras_e3.layers.expert_tiles import expert_segments
 from keras_e3.layers.expert_tiles import expert_tiles
 from keras_e3.layers.expert_tiles import gelu
 
@@ -134,31 +134,19 @@ class ExpertsMlp(keras.layers.Layer):
             differentiable=bool(training),
             approximate=self.gelu_approximate)
 
-    def call_buckets(self, x, busiest, buckets, training=None):
+    def call_buckets(self, x, rows_per_expert, buckets, training=None):
         """The experts on rows [E * bound, H], expert e's at [e * bound, ...)
-        (`BucketDispatcher`): one batched call on the first B rows of each
-        expert, B the smallest of `buckets` (static, ascending, the last
-        `bound`) that is at least `busiest` (the most rows an expert
-        holds); the other rows are zeros. One branch per bucket. No
-        dropout: inference only."""
+        (`BucketDispatcher`), rows_per_expert[e] of them: expert e runs on
+        its first B_e rows, B_e the smallest of `buckets` (static,
+        ascending, the last `bound`) that holds them (`expert_segments`,
+        with its own backward pass for training); the other rows are
+        zeros. No dropout: not used for training with dropout_rate > 0."""
         hidden = x.shape[-1]
         rows = ops.reshape(x, (self.num_experts, -1, hidden))
-        bound = rows.shape[1]
-        params = [ops.cast(w.value, x.dtype) for w in (
-            self.kernel_0, self.bias_0, self.kernel_1, self.bias_1)]
-
-        def branch(size):
-            def run(rows, kernel_0, bias_0, kernel_1, bias_1):
-                y = expert_mlp(rows[:, :size], kernel_0, bias_0[:, None, :],
-                               kernel_1, bias_1[:, None, :],
-                               approximate=self.gelu_approximate)
-                return ops.pad(y, ((0, 0), (0, bound - size), (0, 0)))
-            return run
-
-        index = ops.sum(ops.cast(ops.convert_to_tensor(
-            buckets[:-1], "int32") < busiest, "int32"))
-        y = ops.switch(index, [branch(size) for size in buckets], rows,
-                       *params)
+        y = expert_segments(
+            rows, (self.kernel_0, self.bias_0, self.kernel_1, self.bias_1),
+            rows_per_expert, buckets, differentiable=bool(training),
+            approximate=self.gelu_approximate)
         return ops.reshape(y, (-1, hidden))
 
     def get_config(self):

@@ -418,9 +418,9 @@ class MoeMlp(keras.layers.Layer):
         # Rows per tile of the gather path's experts (TiledDispatcher); not
         # in the config: an execution detail the results do not depend on.
         self.tile_size = default_tile_size()
-        # Inference on the gather path runs the experts at a few static row
-        # counts where the backend supports it (BucketDispatcher); False:
-        # tiles or buffers, as in training. Not in the config either.
+        # The gather path runs each expert at one of a few static row counts
+        # where the backend supports it (BucketDispatcher); False: tiles or
+        # buffers. Not in the config either.
         self.row_buckets = True
         self.router_type = router
         self.num_slots = num_slots

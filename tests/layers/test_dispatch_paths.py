@@ -366,21 +366,26 @@ def test_tiled_path_matches_fixtures(name):
 @pytest.mark.jit
 @pytest.mark.skipif(keras.backend.backend() != "jax",
                     reason="XLA with tiles: JAX (TensorFlow keeps buffers)")
-def test_tiled_training_step_under_jit(rng):
-    """One compiled SGD step with tiles updates every weight as the einsum
-    reference does."""
+@pytest.mark.parametrize("layout", ["tiles", "buckets"])
+def test_sorted_training_step_under_jit(rng, layout, monkeypatch):
+    """One compiled SGD step with tiles, or on row buckets (the default
+    there), updates every weight as the einsum reference does."""
     keras.utils.set_random_seed(0)
     backbone = keras_e3.E3ViTBackbone(**tiny_backbone_kwargs(
-        router_noise_std=0.0, capacity_factor=1.5))
+        router_noise_std=0.0, capacity_factor=1.5, dispatcher="einsum"))
     reference = keras_e3.E3ViT(backbone, num_classes=3,
                                head_kernel_initializer="glorot_uniform")
-    tiled = use_tiles(with_dispatcher(reference, "gather"), 2)
+    tiled = with_dispatcher(reference, "gather")
+    if layout == "tiles":
+        tiled = use_tiles(tiled, 2)
+    seen = spy_buckets(monkeypatch)
     x = rng.normal(size=(6, 16, 16, 3)).astype("float32")
     y = np.arange(6) % 3
     for model in (reference, tiled):
         model.compile(optimizer=keras.optimizers.SGD(1.0), metrics=None,
                       jit_compile=True)
         model.train_on_batch(x, y)
+    assert bool(seen) == (layout == "buckets")
     np.testing.assert_allclose(tiled.predict(x, verbose=0),
                                reference.predict(x, verbose=0), atol=1e-5)
     for a, b in zip(reference.weights, tiled.weights):
@@ -389,8 +394,8 @@ def test_tiled_training_step_under_jit(rng):
 
 
 # The row buckets of inference (BucketDispatcher + ExpertsMlp.call_buckets):
-# each expert's rows in a segment of its own, the experts batched on the
-# first B rows of each, B the smallest static bucket that holds them all.
+# each expert's rows in a segment of its own, each expert run on the first
+# B_e rows of its segment, B_e the smallest static size that holds its rows.
 
 def spy_buckets(monkeypatch):
     """The buckets of every BucketDispatcher that runs experts from now."""
@@ -411,8 +416,10 @@ def spy_buckets(monkeypatch):
     pytest.mark.jit])])
 @pytest.mark.parametrize("case", TILE_CASES)
 def test_bucket_moe_equals_einsum(case, jit, monkeypatch):
-    """Inference on row buckets (on JAX; the other backends' layouts
-    elsewhere) equals the einsum reference, compiled or not."""
+    """Inference and training on row buckets (on JAX; the other backends'
+    layouts elsewhere) equal the einsum reference, compiled or not: the
+    outputs, and in training the input gradients (the weights' through
+    a training step: test_sorted_training_step_under_jit)."""
     einsum, bucketed, x = moe_pair(case, row_buckets=True)
     seen = spy_buckets(monkeypatch)
     expected = to_numpy(einsum(x))
@@ -422,25 +429,83 @@ def test_bucket_moe_equals_einsum(case, jit, monkeypatch):
         outputs = to_numpy(bucketed(x, training=False))
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=2e-6)
     assert bool(seen) == (keras.backend.backend() == "jax")
+    np.testing.assert_allclose(to_numpy(bucketed(x, training=True)),
+                               to_numpy(einsum(x, training=True)),
+                               rtol=1e-5, atol=2e-6)
+    grads = [gradients(lambda x, layer=layer: keras.ops.sum(keras.ops.sin(
+        layer(x, training=True))), (x,), jit=jit)[0]
+        for layer in (einsum, bucketed)]
+    assert np.abs(grads[0]).max() > 0.1
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=2e-6)
 
 
-def test_row_buckets():
-    """Half the mean, then the mean up in steps of at most 5% (+ rounding
-    to 8 rows), up to the bound; each a multiple of 8 but the bound."""
-    from keras_e3.layers.dispatch import row_buckets
+def segment_reference(x, params, rows_per_expert, sizes):
+    """Every expert on its whole segment, its rows past the smallest size
+    that holds its own (worked out here, not by the code under test)
+    zeroed."""
+    kernel_0, bias_0, kernel_1, bias_1 = params
+    computed = [min(s for s in sizes if s >= n) for n in rows_per_expert]
+    mask = keras.ops.convert_to_tensor(
+        np.arange(x.shape[1])[None, :] < np.array(computed)[:, None],
+        "float32")
+    h = keras.activations.gelu(keras.ops.einsum(
+        "ebh,ehf->ebf", x, kernel_0) + bias_0[:, None], approximate=True)
+    y = keras.ops.einsum("ebf,efh->ebh", h, kernel_1) + bias_1[:, None]
+    return y * mask[..., None]
 
-    buckets = row_buckets(400, 608)
-    assert buckets[:3] == [200, 400, 424] and buckets[-1] == 608
-    assert all(b % 8 == 0 for b in buckets[:-1])
-    steps = np.diff(buckets[1:]) / np.array(buckets[1:-1])
-    assert np.all(steps <= 0.05 + 8 / 400) and np.all(steps > 0)
-    assert row_buckets(2.5, 4) == [4]
-    assert row_buckets(12.5, 13) == [8, 13]
+
+@pytest.mark.parametrize("jit", [
+    False, pytest.param(True, marks=[pytest.mark.jit, pytest.mark.skipif(
+        keras.backend.backend() != "jax",
+        reason="XLA: JAX (buckets_supported)")])])
+def test_expert_segments_custom_gradient(rng, jit):
+    """The hand-written backward pass of the loop over experts gives
+    autodiff's gradients of the masked reference (inputs, all four
+    weights), an expert with no rows included."""
+    from keras_e3.layers.expert_tiles import expert_segments
+
+    experts, bound, sizes = 3, 12, [0, 4, 8, 12]
+    rows_per_expert = [5, 0, 12]
+    x = rng.normal(size=(experts, bound, 6)).astype("float32")
+    params = [rng.normal(size=s).astype("float32") * 0.5 for s in
+              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
+               (experts, 6))]
+    target = rng.normal(size=x.shape).astype("float32")
+    counts = keras.ops.convert_to_tensor(rows_per_expert, "int32")
+
+    def loss(fn):
+        return lambda *args: keras.ops.sum(keras.ops.multiply(
+            fn(args[0], args[1:]), target))
+
+    ours = gradients(loss(lambda x, p: expert_segments(
+        x, p, counts, sizes, differentiable=True)), [x] + params, jit)
+    theirs = gradients(loss(lambda x, p: segment_reference(
+        x, p, rows_per_expert, sizes)), [x] + params, False)
+    assert np.all(ours[0][0, 8:] == 0) and np.all(ours[0][1] == 0)
+    assert np.all(ours[2][1] == 0) and np.all(ours[4][1] == 0)
+    for name, a, b in zip(("x", "kernel_0", "bias_0", "kernel_1", "bias_1"),
+                          ours, theirs):
+        assert np.abs(b).max() > 0.1, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.single_backend
+def test_segment_sizes():
+    """0, then multiples of a step of about bound / 16 rounded up to 8
+    rows, then the bound; worked out by hand."""
+    from keras_e3.layers.dispatch import segment_sizes
+
+    assert segment_sizes(608) == [0] + list(range(40, 608, 40)) + [608]
+    assert segment_sizes(432) == [0] + list(range(32, 432, 32)) + [432]
+    assert segment_sizes(4) == [0, 4]
+    assert segment_sizes(8) == [0, 8]
+    assert segment_sizes(13) == [0, 8, 13]
+    assert segment_sizes(100, branches=4) == [0, 32, 64, 96, 100]
 
 
 @pytest.mark.parametrize("capacity_factor,tile_size,row_buckets,layout", [
     (1.5, 8, True, "buckets"), (1.5, 8, False, "tiles"),
-    (1.5, None, False, "buffers"), (1.0, None, True, "buffers")])
+    (1.5, None, False, "buffers"), (1.0, None, True, "buckets")])
 def test_gather_layout_names_the_dispatcher_made(capacity_factor, tile_size,
                                                  row_buckets, layout):
     """`gather_layout` (the benchmarks' report) names the dispatcher that
@@ -465,7 +530,7 @@ def test_gather_layout_names_the_dispatcher_made(capacity_factor, tile_size,
 def test_bucket_layout(rng, k, capacity_factor, experts):
     """Every kept choice gets its own row in its expert's segment, among
     the first `rows_per_expert` rows there; dropped and padding tokens get
-    none; `busiest` is the largest count."""
+    none."""
     from keras_e3.layers.dispatch import BucketDispatcher
     from keras_e3.layers.dispatch import compute_capacity
 
@@ -487,31 +552,34 @@ def test_bucket_layout(rng, k, capacity_factor, experts):
         assert kept.sum() < (3 * 30 + 7) * k
     counts = to_numpy(bucketed.rows_per_expert)
     np.testing.assert_array_equal(counts, kept.sum(axis=(0, 1, 3)))
-    assert int(to_numpy(bucketed.busiest)) == counts.max()
     expert_index = to_numpy(keras.ops.top_k(gates, k)[1])
     for g, s, c in zip(*np.nonzero(row < experts * bound)):
         e = expert_index[g, s, c]
         assert e * bound <= row[g, s, c] < e * bound + counts[e]
 
 
-@pytest.mark.parametrize("busiest,computed", [(9, 16), (16, 16), (17, 24),
-                                              (3, 8)])
-def test_call_buckets_runs_the_smallest_bucket(rng, busiest, computed):
-    """The first `computed` rows of each expert (the smallest bucket that
-    holds `busiest`) go through the experts, the rest are zeros."""
+@pytest.mark.parametrize("rows,computed", [
+    ([9, 0, 17], [16, 0, 24]), ([16, 3, 24], [16, 8, 24]),
+    ([1, 8, 23], [8, 8, 24]), ([0, 0, 0], [0, 0, 0])])
+def test_call_buckets_runs_each_expert_on_its_smallest_bucket(rng, rows,
+                                                              computed):
+    """Expert e's first `computed[e]` rows (the smallest size that holds
+    its `rows[e]`) go through its MLP, the rest of its segment is zeros."""
     from keras_e3.layers.mlp import ExpertsMlp
 
     experts = ExpertsMlp(3, 10)
     x = rng.normal(size=(3, 24, 6)).astype("float32")
     experts.build(x.shape)
     out = to_numpy(experts.call_buckets(
-        keras.ops.reshape(x, (-1, 6)), busiest, [8, 16, 24]))
+        keras.ops.reshape(x, (-1, 6)),
+        keras.ops.convert_to_tensor(rows, "int32"), [0, 8, 16, 24]))
     out = out.reshape(3, 24, 6)
     expected = to_numpy(experts(x))
-    np.testing.assert_allclose(out[:, :computed], expected[:, :computed],
-                               rtol=1e-5, atol=1e-6)
-    assert np.all(out[:, computed:] == 0)
-    assert np.all(np.abs(expected[:, computed:]) > 0)
+    assert np.all(np.abs(expected) > 0)
+    for e, n in enumerate(computed):
+        np.testing.assert_allclose(out[e, :n], expected[e, :n], rtol=1e-5,
+                                   atol=1e-6)
+        assert np.all(out[e, n:] == 0)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -2,8 +2,9 @@
 `route` returns a `Dispatcher` (one abstract interface) and its metrics;
 `dispatch_plan` alone decides the layout, from a table of cases whose
 expected layouts are worked out by hand below (rows stored by each layout:
-buffers E*G*C, buckets ~G*S*K against E*G*min(C, S), tiles whole tiles of
-128 rows per expert)."""
+buffers E*G*C, tiles whole tiles of 128 rows per expert; buckets, for
+inference on JAX wherever G is static, each expert's rows rounded up to a
+step of about G*min(C, S) / 16, at most the buffers' rows)."""
 
 import inspect
 
@@ -20,15 +21,14 @@ from keras_e3.layers.dispatch import dispatch_plan
 
 # (G, S, E, K, C) shapes:
 # SMALL: C = 52 (factor 1.0, rounded up to a multiple of 4). Buffers
-#   8*4*52 = 1664 rows; buckets need G*S*K = 1600 <= 0.9 * 1664: no;
-#   tiles (1600 + 8*127) // 128 = 20 tiles = 2560 rows > 1664: no.
+#   8*4*52 = 1664 rows; tiles (1600 + 8*127) // 128 = 20 tiles = 2560
+#   rows > 1664: no.
 SMALL = (4, 400, 8, 1, 52)
-# ROOMY: C = 76 (factor 1.5). Buffers 2432; 1600 <= 0.9 * 2432: buckets
-#   pay; tiles (1600 + 1016) // 128 = 20 -> 2560 > 2432: tiles do not.
+# ROOMY: C = 76 (factor 1.5). Buffers 2432; tiles (1600 + 1016) // 128
+#   = 20 -> 2560 > 2432: tiles do not pay.
 ROOMY = (4, 400, 8, 1, 76)
 # LARGE: C = 600 (factor 1.5, S = 3200). Buffers 8*4*600 = 19200; tiles
-#   (12800 + 1016) // 128 = 107 -> 13696 < 19200: tiles pay (and buckets:
-#   12800 <= 0.9 * 19200).
+#   (12800 + 1016) // 128 = 107 -> 13696 < 19200: tiles pay.
 LARGE = (4, 3200, 8, 1, 600)
 
 CASES = [
@@ -41,13 +41,18 @@ CASES = [
      "einsum"),
     ("experts_choice", "einsum", LARGE, "jax", {}, "einsum"),
     ("top_k", "einsum", LARGE, "jax", {}, "einsum"),
-    ("top_k", "auto", SMALL, "jax", {}, "buffers"),
+    ("top_k", "auto", SMALL, "jax", {}, "buckets"),
+    ("top_k", "auto", SMALL, "jax", {"row_buckets": False}, "buffers"),
     ("top_k", "auto", ROOMY, "jax", {}, "buckets"),
     ("top_k", "auto", ROOMY, "jax", {"row_buckets": False}, "buffers"),
-    ("top_k", "auto", ROOMY, "jax", {"training": True}, "buffers"),
+    ("top_k", "auto", ROOMY, "jax", {"training": True}, "buckets"),
+    ("top_k", "auto", ROOMY, "jax", {"training": True,
+                                     "row_buckets": False}, "buffers"),
     ("top_k", "auto", LARGE, "jax", {}, "buckets"),
     ("top_k", "auto", LARGE, "jax", {"row_buckets": False}, "tiles"),
-    ("top_k", "auto", LARGE, "jax", {"training": True}, "tiles"),
+    ("top_k", "auto", LARGE, "jax", {"training": True}, "buckets"),
+    ("top_k", "auto", LARGE, "jax", {"training": True,
+                                     "row_buckets": False}, "tiles"),
     ("top_k", "auto", LARGE, "jax",
      {"training": True, "expert_dropout": True}, "buffers"),
     ("top_k", "auto", LARGE, "jax", {"expert_dropout": True}, "buckets"),
