@@ -538,7 +538,7 @@ class MoeMlp(keras.layers.Layer):
 
     def expert_row_buckets(self, training=None, return_routing=False):
         """Whether `dispatch_plan` allows the bucketed experts
-        (`BucketDispatcher`, used where buckets pay)."""
+        (`BucketDispatcher`, used where the routing groups are static)."""
         return self.dispatch_plan(None, training, return_routing).row_buckets
 
     def compute_output_spec(self, x, training=None, return_routing=False,
