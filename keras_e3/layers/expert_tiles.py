@@ -73,8 +73,33 @@ def gelu_grad(x, approximate=True):
 def expert_mlp(rows, kernel_0, bias_0, kernel_1, bias_1, approximate=True):
     """One expert's MLP on rows [N, H] (its unstacked weights), or every
     expert's on [E, N, H] (stacked weights, biases [E, 1, ...])."""
-    return ops.matmul(gelu(ops.matmul(rows, kernel_0) + bias_0, approximate),
-                      kernel_1) + bias_1
+    return _mlp_forward(rows, kernel_0, bias_0, kernel_1, bias_1,
+                        approximate)[0]
+
+
+def _mlp_forward(rows, kernel_0, bias_0, kernel_1, bias_1, approximate):
+    """`expert_mlp` and the pre-activations [..., F] its backward pass
+    needs: (y, pre)."""
+    pre = ops.matmul(rows, kernel_0) + bias_0
+    return ops.matmul(gelu(pre, approximate), kernel_1) + bias_1, pre
+
+
+def _mlp_backward(rows, pre, dy, kernel_0, kernel_1, approximate):
+    """Gradients (rows, kernel_0, bias_0, kernel_1, bias_1) of one expert's
+    MLP on rows [N, H] from dy [N, H] and its pre-activations.
+
+    Products with the expert's kernels transposed inside the dot
+    (contracting their last axis): XLA's CPU backend (YNNPACK) runs them as
+    fast as on kernels transposed beforehand, and a step no longer
+    transposes every expert's kernels, [E, H, F] and [E, F, H], at each
+    call (4 copies of 32 MB, ~22 ms each, in the E³ S/32 training step;
+    PERFORMANCE.md, "Third round")."""
+    d_pre = ops.einsum("th,fh->tf", dy, kernel_1) * gelu_grad(pre,
+                                                              approximate)
+    return (ops.einsum("tf,hf->th", d_pre, kernel_0),
+            ops.matmul(ops.transpose(rows), d_pre), ops.sum(d_pre, 0),
+            ops.matmul(ops.transpose(gelu(pre, approximate)), dy),
+            ops.sum(dy, 0))
 
 
 def _expert(params, e):
@@ -105,9 +130,8 @@ def _forward(x, params, tile_expert, num_used, tile_size, keep_pre,
     mlp_dim = params[0].shape[-1]
 
     def run(i):
-        kernel_0, bias_0, kernel_1, bias_1 = _expert(params, tile_expert[i])
-        pre = ops.matmul(_tile(x, i, tile_size), kernel_0) + bias_0
-        return ops.matmul(gelu(pre, approximate), kernel_1) + bias_1, pre
+        return _mlp_forward(_tile(x, i, tile_size),
+                            *_expert(params, tile_expert[i]), approximate)
 
     def skip():
         return (ops.zeros((tile_size, x.shape[-1]), x.dtype),
@@ -134,20 +158,8 @@ def _backward(dy, x, pre, params, tile_expert, num_used, tile_size,
     kernels = [params[0], params[2]]
 
     def run(i, e):
-        # Products with the expert's kernels transposed inside the dot
-        # (contracting their last axis): XLA's CPU backend (YNNPACK) runs
-        # them as fast as on kernels transposed beforehand, and the step no
-        # longer transposes every expert's kernels, [E, H, F] and
-        # [E, F, H], at each call (4 copies of 32 MB, ~22 ms each, in the
-        # E³ S/32 training step; PERFORMANCE.md, "Third round").
-        kernel_0, kernel_1 = _expert(kernels, e)
-        x_t, pre_t, dy_t = (_tile(a, i, tile_size) for a in (x, pre, dy))
-        d_pre = ops.einsum("th,fh->tf", dy_t, kernel_1) * gelu_grad(
-            pre_t, approximate)
-        return (ops.einsum("tf,hf->th", d_pre, kernel_0),
-                ops.matmul(ops.transpose(x_t), d_pre), ops.sum(d_pre, 0),
-                ops.matmul(ops.transpose(gelu(pre_t, approximate)), dy_t),
-                ops.sum(dy_t, 0))
+        return _mlp_backward(*(_tile(a, i, tile_size) for a in (x, pre, dy)),
+                             *_expert(kernels, e), approximate)
 
     def skip():
         return tuple(ops.zeros((tile_size,) + tuple(w.shape[1:]), x.dtype)
@@ -192,8 +204,7 @@ def _padded(a, rows):
     return ops.pad(a, ((0, rows - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
 
 
-def _loop_over_experts(num_experts, sizes, rows_per_expert, branch, inputs,
-                       init):
+def _loop_over_experts(sizes, rows_per_expert, branch, inputs, init):
     """For each expert e: the outputs of `branch(B_e)` on (each of
     `inputs`' [E, ...] slices at e, ...), B_e the smallest of `sizes` that
     holds rows_per_expert[e], written at e into `init`'s [E, ...] arrays."""
@@ -208,7 +219,7 @@ def _loop_over_experts(num_experts, sizes, rows_per_expert, branch, inputs,
                                       out[None])
                      for total, out in zip(carry, outputs))
 
-    return ops.fori_loop(0, num_experts, body, tuple(init))
+    return ops.fori_loop(0, inputs[0].shape[0], body, tuple(init))
 
 
 def _segments_forward(x, params, rows_per_expert, sizes, keep_pre,
@@ -219,22 +230,20 @@ def _segments_forward(x, params, rows_per_expert, sizes, keep_pre,
     mlp_dim = params[0].shape[-1]
 
     def branch(size):
-        def run(rows, kernel_0, bias_0, kernel_1, bias_1):
+        def run(rows, *weights):
             if size == 0:
-                y = ops.zeros((bound, hidden), rows.dtype)
-                pre = ops.zeros((bound, mlp_dim), rows.dtype)
+                outputs = (ops.zeros((bound, hidden), rows.dtype),
+                           ops.zeros((bound, mlp_dim), rows.dtype))
             else:
-                pre = ops.matmul(rows[:size], kernel_0) + bias_0
-                y = _padded(ops.matmul(gelu(pre, approximate), kernel_1)
-                            + bias_1, bound)
-                pre = _padded(pre, bound)
-            return (y, pre) if keep_pre else (y,)
+                outputs = tuple(_padded(a, bound) for a in _mlp_forward(
+                    rows[:size], *weights, approximate))
+            return outputs if keep_pre else outputs[:1]
         return run
 
     init = [ops.zeros_like(x)]
     if keep_pre:
         init.append(ops.zeros((num_experts, bound, mlp_dim), x.dtype))
-    return _loop_over_experts(num_experts, sizes, rows_per_expert, branch,
+    return _loop_over_experts(sizes, rows_per_expert, branch,
                               [x] + list(params), init)
 
 
@@ -252,18 +261,14 @@ def _segments_backward(dy, x, pre, params, rows_per_expert, sizes,
                         ops.zeros(kernel_0.shape[-1:], x_e.dtype),
                         ops.zeros_like(kernel_1),
                         ops.zeros(kernel_1.shape[-1:], x_e.dtype))
-            x_t, pre_t, dy_t = x_e[:size], pre_e[:size], dy_e[:size]
-            # The kernels transposed inside the dots, as in `_backward`.
-            d_pre = ops.einsum("th,fh->tf", dy_t, kernel_1) * gelu_grad(
-                pre_t, approximate)
-            return (_padded(ops.einsum("tf,hf->th", d_pre, kernel_0), bound),
-                    ops.matmul(ops.transpose(x_t), d_pre), ops.sum(d_pre, 0),
-                    ops.matmul(ops.transpose(gelu(pre_t, approximate)), dy_t),
-                    ops.sum(dy_t, 0))
+            d_rows, *d_weights = _mlp_backward(
+                x_e[:size], pre_e[:size], dy_e[:size], kernel_0, kernel_1,
+                approximate)
+            return (_padded(d_rows, bound), *d_weights)
         return run
 
     init = [ops.zeros_like(x)] + [ops.zeros_like(w) for w in params]
-    return _loop_over_experts(x.shape[0], sizes, rows_per_expert, branch,
+    return _loop_over_experts(sizes, rows_per_expert, branch,
                               [x, pre, dy, params[0], params[2]], init)
 
 
