@@ -30,6 +30,35 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
     `scaled_dot_product_attention`), keep Keras' path.
     """
 
+    def call(self, query, value, key=None, query_mask=None, value_mask=None,
+             key_mask=None, attention_mask=None,
+             return_attention_scores=False, training=None,
+             use_causal_mask=False):
+        """Keras' `call`; without masks, gate or returned scores, the four
+        projections are products on rows (`_rows_projection`)."""
+        key = value if key is None else key
+        plain = (query_mask is None and value_mask is None
+                 and key_mask is None and attention_mask is None
+                 and not return_attention_scores and not use_causal_mask
+                 and not getattr(self, "_use_gate", False)
+                 and getattr(self, "_sliding_window", None) is None
+                 and all(_keras_mask(t) is None for t in (query, value, key))
+                 and all(_rows_contracted(d) for d in (
+                     self._query_dense, self._key_dense, self._value_dense,
+                     self._output_dense)))
+        if not plain:
+            return super().call(
+                query, value, key=key, query_mask=query_mask,
+                value_mask=value_mask, key_mask=key_mask,
+                attention_mask=attention_mask,
+                return_attention_scores=return_attention_scores,
+                training=training, use_causal_mask=use_causal_mask)
+        output, _ = self._compute_attention(
+            _rows_projection(self._query_dense, query),
+            _rows_projection(self._key_dense, key),
+            _rows_projection(self._value_dense, value), training=training)
+        return _rows_projection(self._output_dense, output)
+
     def _compute_attention(self, query, key, value, attention_mask=None,
                            training=None, return_attention_scores=False,
                            use_causal_mask=False):
@@ -49,6 +78,53 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         weights = ops.softmax(ops.einsum("btnh,bsnh->bnts", query, key),
                               axis=-1)
         return ops.einsum("bnts,bsnh->btnh", weights, value), None
+
+
+# Keras' projection equations (rank-3 inputs) and how many of the kernel's
+# leading axes each contracts with the input's trailing ones.
+_ROWS_EQUATIONS = {"abc,cde->abde": 1, "abcd,cde->abe": 2}
+
+
+def _rows_contracted(dense):
+    """How many input axes `_rows_projection` contracts for this
+    `EinsumDense`, or 0 where it keeps Keras' einsum (another equation, an
+    activation, LoRA, quantized kernels)."""
+    if (getattr(dense, "quantization_mode", None) is not None
+            or getattr(dense, "lora_enabled", False)
+            or dense.activation not in (None, keras.activations.linear)):
+        return 0
+    return _ROWS_EQUATIONS.get(dense.equation, 0)
+
+
+def _rows_projection(dense, x):
+    """`dense(x)` (an `EinsumDense` of `_ROWS_EQUATIONS`, same weights and
+    sums) as one matmul on rows: x [..., in] -> [rows, in] @ kernel
+    [in, out] -> [..., out], the kernel's axes merged (a reshape). The
+    einsum's backward pass contracts the [B, T, ...] gradients over two
+    axes, and XLA's CPU backend then copied each projection's gradient
+    into two more layouts (bias and kernel gradients) per block; on rows
+    the kernel gradient is one product of two [rows, ...] matrices and the
+    bias gradient reads the same one (ViT S/32 training step at batch 32:
+    the compiled step's bytes accessed 6.25 -> 5.81 GB; PERFORMANCE.md,
+    "Fifth round")."""
+    contracted = _rows_contracted(dense)
+    kernel = dense.kernel
+    size = math.prod(kernel.shape[:contracted])
+    y = ops.matmul(ops.reshape(x, (-1, size)),
+                   ops.reshape(kernel, (size, -1)))
+    if dense.bias is not None:
+        y = y + ops.reshape(dense.bias, (-1,))
+    lead = tuple(ops.shape(x)[:len(x.shape) - contracted])
+    return ops.reshape(y, lead + tuple(kernel.shape[contracted:]))
+
+
+def _keras_mask(x):
+    """The Keras mask attached to a tensor, or None."""
+    try:
+        from keras.src.backend import get_keras_mask
+    except ImportError:  # pragma: no cover - older Keras
+        return getattr(x, "_keras_mask", None)
+    return get_keras_mask(x)
 
 
 def _heads_in_batch(query, key, value):

@@ -55,11 +55,16 @@ class Mlp(keras.layers.Layer):
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
 
     def call(self, x, training=None):
-        x = self.dense_0(x)
+        # On rows [B*T, D]: the kernels' gradients are then products of two
+        # [rows, ...] matrices, which XLA's CPU backend runs without first
+        # transposing the [B, T, F] gradient (PERFORMANCE.md, "Fifth round").
+        shape = ops.shape(x)
+        x = self.dense_0(ops.reshape(x, (-1, shape[-1])))
         x = gelu(x) if self.gelu_approximate else keras.activations.gelu(
             x, approximate=False)
         x = self.dropout(x, training=training)
-        return self.dropout(self.dense_1(x), training=training)
+        return ops.reshape(self.dropout(self.dense_1(x), training=training),
+                           shape)
 
     def get_config(self):
         config = super().get_config()
