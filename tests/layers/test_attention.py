@@ -123,3 +123,26 @@ def test_which_calls_project_rows(monkeypatch):
                                to_numpy(keras_layer(x, x)), rtol=1e-5,
                                atol=1e-5)
     assert calls == []
+
+
+def test_mixed_precision_computes_in_bfloat16_like_keras():
+    """Under `mixed_bfloat16` the rows projections read the kernels cast to
+    the compute dtype, as Keras' `EinsumDense` does: bfloat16 outputs, equal
+    to Keras' up to bfloat16's precision."""
+    rng = np.random.default_rng(4)
+    layers = [MultiHeadAttention(HEADS, KEY_DIM, dtype="mixed_bfloat16"),
+              keras.layers.MultiHeadAttention(HEADS, KEY_DIM,
+                                              dtype="mixed_bfloat16")]
+    for layer in layers:
+        layer.build((None, None, WIDTH), (None, None, WIDTH))
+    weights = [rng.normal(size=w.shape).astype("float32")
+               for w in layers[1].get_weights()]
+    for layer in layers:
+        layer.set_weights(weights)
+    x = rng.normal(size=(2, 5, WIDTH)).astype("float32")
+    ours, theirs = (layer(x, x) for layer in layers)
+    assert keras.backend.standardize_dtype(ours.dtype) == "bfloat16"
+    ours, theirs = (to_numpy(keras.ops.cast(t, "float32"))
+                    for t in (ours, theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=0,
+                               atol=0.02 * np.abs(theirs).max())
