@@ -105,8 +105,8 @@ def _rows_projection(dense, x):
     into two more layouts (bias and kernel gradients) per block; on rows
     the kernel gradient is one product of two [rows, ...] matrices and the
     bias gradient reads the same one (ViT S/32 training step at batch 32:
-    the compiled step's bytes accessed 6.25 -> 5.81 GB; PERFORMANCE.md,
-    "Fifth round")."""
+    the compiled step's bytes accessed 6.25 -> 5.81 GB, 5.55 GB with `Mlp`
+    on rows too; PERFORMANCE.md, "Fifth round")."""
     contracted = _rows_contracted(dense)
     # Under the projection's own name, as its call would be (profiles).
     with keras.name_scope(dense.name):

@@ -17,13 +17,13 @@ from keras_e3.layers.attention import MultiHeadAttention
 HEADS, KEY_DIM, WIDTH = 3, 5, 12
 
 
-def pair(rng, use_bias=True, width=WIDTH):
+def pair(rng, use_bias=True):
     """Ours and Keras' layer, built alike, with the same random weights."""
     ours = MultiHeadAttention(HEADS, KEY_DIM, use_bias=use_bias)
     keras_layer = keras.layers.MultiHeadAttention(HEADS, KEY_DIM,
                                                   use_bias=use_bias)
     for layer in (ours, keras_layer):
-        layer.build((None, None, width), (None, None, width))
+        layer.build((None, None, WIDTH), (None, None, WIDTH))
     weights = [rng.normal(size=w.shape).astype("float32")
                for w in keras_layer.get_weights()]
     ours.set_weights(weights)
@@ -78,8 +78,8 @@ def test_masked_call_equals_keras():
 def test_rows_projection_equals_einsum_dense(equation, x_shape,
                                              output_shape):
     rng = np.random.default_rng(0)
-    outputs = equation.split("->")[1]
-    for bias_axes in (None, outputs[2:] if len(outputs) == 4 else "e"):
+    # The bias over the output's non-batch, non-token axes ("de" or "e").
+    for bias_axes in (None, equation.split("->")[1][2:]):
         dense = keras.layers.EinsumDense(equation, output_shape,
                                          bias_axes=bias_axes)
         dense.build(x_shape)
