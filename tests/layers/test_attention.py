@@ -146,3 +146,62 @@ def test_mixed_precision_computes_in_bfloat16_like_keras():
                     for t in (ours, theirs))
     np.testing.assert_allclose(ours, theirs, rtol=0,
                                atol=0.02 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("shape,scale", [((3, 4, 7), 1.0), ((2, 9), 40.0)])
+def test_softmax_gradient_equals_autodiff(shape, scale):
+    """`_softmax` (its gradient written out) against the backend's own
+    autodiff of `keras.ops.softmax`: values and gradients, for logits of
+    ordinary size and large ones (scale 40: exp would overflow without the
+    max subtracted)."""
+    rng = np.random.default_rng(len(shape))
+    logits = (scale * rng.normal(size=shape)).astype("float32")
+    probe = rng.normal(size=shape).astype("float32")
+
+    def objective(softmax):
+        def fn(x):
+            return keras.ops.sum(keras.ops.multiply(
+                softmax(x), keras.ops.convert_to_tensor(probe)))
+        return fn
+
+    np.testing.assert_allclose(
+        to_numpy(attention_module._softmax(logits)),
+        to_numpy(keras.ops.softmax(logits, axis=-1)), rtol=1e-6, atol=1e-7)
+    (ours,) = gradients(objective(attention_module._softmax), [logits],
+                        jit=False)
+    (autodiff,) = gradients(
+        objective(lambda x: keras.ops.softmax(x, axis=-1)), [logits],
+        jit=False)
+    assert np.all(np.isfinite(ours))
+    np.testing.assert_allclose(ours, autodiff, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's vjp")
+def test_softmax_keeps_only_the_probabilities():
+    """The backward pass of `_softmax` holds one array, the probabilities
+    (autodiff of `keras.ops.softmax` holds three on JAX)."""
+    import jax
+
+    logits = np.random.default_rng(0).normal(size=(2, 5, 6)).astype(
+        "float32")
+    probs, vjp = jax.vjp(attention_module._softmax, logits)
+    residuals = jax.tree.leaves(vjp)
+    assert len(residuals) == 1
+    np.testing.assert_array_equal(np.asarray(residuals[0]),
+                                  np.asarray(probs))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's vjp")
+def test_attention_core_keeps_no_softmax_sums():
+    """The attention core's backward pass holds the heads-first queries,
+    keys and values and the probabilities, and none of the [..., 1] sums
+    autodiff of `keras.ops.softmax` would add."""
+    import jax
+
+    rng = np.random.default_rng(1)
+    query, key, value = (rng.normal(size=(2, n, HEADS, KEY_DIM)).astype(
+        "float32") for n in (4, 6, 6))
+    _, vjp = jax.vjp(attention_module._heads_in_batch, query, key, value)
+    shapes = sorted(leaf.shape for leaf in jax.tree.leaves(vjp))
+    assert shapes == sorted([(2 * HEADS, 4, KEY_DIM), (2 * HEADS, 6, KEY_DIM),
+                             (2 * HEADS, 6, KEY_DIM), (2 * HEADS, 4, 6)])
