@@ -17,11 +17,13 @@ from keras_e3.layers.attention import MultiHeadAttention
 HEADS, KEY_DIM, WIDTH = 3, 5, 12
 
 
-def pair(rng, use_bias=True):
-    """Ours and Keras' layer, built alike, with the same random weights."""
-    ours = MultiHeadAttention(HEADS, KEY_DIM, use_bias=use_bias)
+def pair(rng, use_bias=True, dtype=None):
+    """Ours and Keras' layer, built alike (dtype: their dtype policy, the
+    default one if None), with the same random weights."""
+    ours = MultiHeadAttention(HEADS, KEY_DIM, use_bias=use_bias, dtype=dtype)
     keras_layer = keras.layers.MultiHeadAttention(HEADS, KEY_DIM,
-                                                  use_bias=use_bias)
+                                                  use_bias=use_bias,
+                                                  dtype=dtype)
     for layer in (ours, keras_layer):
         layer.build((None, None, WIDTH), (None, None, WIDTH))
     weights = [rng.normal(size=w.shape).astype("float32")
@@ -130,17 +132,9 @@ def test_mixed_precision_computes_in_bfloat16_like_keras():
     the compute dtype, as Keras' `EinsumDense` does: bfloat16 outputs, equal
     to Keras' up to bfloat16's precision."""
     rng = np.random.default_rng(4)
-    layers = [MultiHeadAttention(HEADS, KEY_DIM, dtype="mixed_bfloat16"),
-              keras.layers.MultiHeadAttention(HEADS, KEY_DIM,
-                                              dtype="mixed_bfloat16")]
-    for layer in layers:
-        layer.build((None, None, WIDTH), (None, None, WIDTH))
-    weights = [rng.normal(size=w.shape).astype("float32")
-               for w in layers[1].get_weights()]
-    for layer in layers:
-        layer.set_weights(weights)
+    ours_layer, keras_layer, _ = pair(rng, dtype="mixed_bfloat16")
     x = rng.normal(size=(2, 5, WIDTH)).astype("float32")
-    ours, theirs = (layer(x, x) for layer in layers)
+    ours, theirs = ours_layer(x, x), keras_layer(x, x)
     assert keras.backend.standardize_dtype(ours.dtype) == "bfloat16"
     ours, theirs = (to_numpy(keras.ops.cast(t, "float32"))
                     for t in (ours, theirs))
