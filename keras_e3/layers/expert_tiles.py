@@ -204,22 +204,42 @@ def _padded(a, rows):
     return ops.pad(a, ((0, rows - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
 
 
-def _loop_over_experts(sizes, rows_per_expert, branch, inputs, init):
+def _loop_over_experts(sizes, rows_per_expert, branch, inputs, init,
+                       unrolled=False):
     """For each expert e: the outputs of `branch(B_e)` on (each of
     `inputs`' [E, ...] slices at e, ...), B_e the smallest of `sizes` that
-    holds rows_per_expert[e], written at e into `init`'s [E, ...] arrays."""
+    holds rows_per_expert[e], written at e into the [E, ...] arrays that
+    `init()` returns (the branches' outputs, zero-filled).
+
+    `unrolled`: one switch per expert on static slices, the results stacked
+    once, instead of a loop writing each expert's results into the carried
+    arrays. The training step's two loops (the forward pass that keeps the
+    pre-activations, and the backward pass) are unrolled: it saves the
+    loop's dynamic slices, in-place updates and zero fills (V-MoE S/32's
+    training step 1.04-1.06x, PERFORMANCE.md "Seventh round"). Inference
+    keeps the loop: unrolled, E³ inference ran slower (0.95-0.98x) with
+    three times the page faults.
+    """
     limits = ops.convert_to_tensor(list(sizes[:-1]), "int32")
     branches = [branch(size) for size in sizes]
 
-    def body(e, carry):
+    def outputs_at(e, slices):
         index = ops.sum(ops.cast(limits < rows_per_expert[e], "int32"))
-        outputs = ops.switch(index, branches,
-                             *[_segment(a, e) for a in inputs])
+        return ops.switch(index, branches, *slices)
+
+    if unrolled:
+        outputs = [outputs_at(e, [a[e] for a in inputs])
+                   for e in range(inputs[0].shape[0])]
+        return tuple(ops.stack([out[k] for out in outputs], axis=0)
+                     for k in range(len(outputs[0])))
+
+    def body(e, carry):
+        outputs = outputs_at(e, [_segment(a, e) for a in inputs])
         return tuple(ops.slice_update(total, (e,) + (0,) * (total.ndim - 1),
                                       out[None])
                      for total, out in zip(carry, outputs))
 
-    return ops.fori_loop(0, inputs[0].shape[0], body, tuple(init))
+    return ops.fori_loop(0, inputs[0].shape[0], body, tuple(init()))
 
 
 def _segments_forward(x, params, rows_per_expert, sizes, keep_pre,
@@ -240,11 +260,14 @@ def _segments_forward(x, params, rows_per_expert, sizes, keep_pre,
             return outputs if keep_pre else outputs[:1]
         return run
 
-    init = [ops.zeros_like(x)]
-    if keep_pre:
-        init.append(ops.zeros((num_experts, bound, mlp_dim), x.dtype))
+    def init():
+        if keep_pre:
+            return [ops.zeros_like(x),
+                    ops.zeros((num_experts, bound, mlp_dim), x.dtype)]
+        return [ops.zeros_like(x)]
+
     return _loop_over_experts(sizes, rows_per_expert, branch,
-                              [x] + list(params), init)
+                              [x] + list(params), init, unrolled=keep_pre)
 
 
 def _segments_backward(dy, x, pre, params, rows_per_expert, sizes,
@@ -267,9 +290,12 @@ def _segments_backward(dy, x, pre, params, rows_per_expert, sizes,
             return (_padded(d_rows, bound), *d_weights)
         return run
 
-    init = [ops.zeros_like(x)] + [ops.zeros_like(w) for w in params]
+    def init():
+        return [ops.zeros_like(x)] + [ops.zeros_like(w) for w in params]
+
     return _loop_over_experts(sizes, rows_per_expert, branch,
-                              [x, pre, dy, params[0], params[2]], init)
+                              [x, pre, dy, params[0], params[2]], init,
+                              unrolled=True)
 
 
 def expert_segments(x, params, rows_per_expert, sizes, differentiable=False,

@@ -489,6 +489,74 @@ def test_expert_segments_custom_gradient(rng, jit):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_expert_segments_values(rng, differentiable):
+    """Both paths (the inference loop, the training step's unrolled
+    forward pass) give the masked reference's outputs, experts with no
+    rows and a full segment included."""
+    from keras_e3.layers.expert_tiles import expert_segments
+
+    experts, bound, sizes = 4, 12, [0, 4, 8, 12]
+    rows_per_expert = [5, 0, 12, 3]
+    x = rng.normal(size=(experts, bound, 6)).astype("float32")
+    params = [rng.normal(size=s).astype("float32") * 0.5 for s in
+              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
+               (experts, 6))]
+    counts = keras.ops.convert_to_tensor(rows_per_expert, "int32")
+    ours = to_numpy(expert_segments(x, params, counts, sizes,
+                                    differentiable=differentiable))
+    theirs = to_numpy(segment_reference(x, params, rows_per_expert, sizes))
+    assert np.abs(theirs).max() > 0.1
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def _primitive_names(jaxpr):
+    """Every primitive in a jaxpr and the jaxprs nested in its equations
+    (closed ones included)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                item = getattr(item, "jaxpr", item)
+                if hasattr(item, "eqns"):
+                    names |= _primitive_names(item)
+    return names
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax",
+                    reason="inspects JAX's traced program")
+def test_expert_segments_loops_unrolled_for_training_only(rng):
+    """The training step's loops over the experts (the forward pass that
+    keeps the pre-activations, and the backward pass) are unrolled: no
+    loop (`scan` or `while`) in the gradient's program, one `cond` per
+    expert and pass. Inference keeps its loop (unrolled, E³ inference ran
+    slower)."""
+    import jax
+
+    from keras_e3.layers.expert_tiles import expert_segments
+
+    experts, bound, sizes = 3, 12, [0, 4, 8, 12]
+    x = rng.normal(size=(experts, bound, 6)).astype("float32")
+    params = [rng.normal(size=s).astype("float32") for s in
+              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
+               (experts, 6))]
+    counts = keras.ops.convert_to_tensor([5, 0, 12], "int32")
+
+    def loss(x, *params):
+        return jax.numpy.sum(expert_segments(
+            x, params, counts, sizes, differentiable=True))
+
+    training = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(x, *params)
+    loops = {"scan", "while"}
+    assert not loops & _primitive_names(training.jaxpr)
+    conds = [e for e in training.jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 2 * experts
+    inference = jax.make_jaxpr(lambda x, *p: expert_segments(
+        x, p, counts, sizes))(x, *params)
+    assert loops & _primitive_names(inference.jaxpr)
+
+
 @pytest.mark.single_backend
 def test_segment_sizes():
     """0, then multiples of a step of about bound / 16 rounded up to 8
