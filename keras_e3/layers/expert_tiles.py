@@ -204,21 +204,28 @@ def _padded(a, rows):
     return ops.pad(a, ((0, rows - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
 
 
+# The training step's loops over at most this many experts are unrolled
+# (benchmarks/expert_loop.py, one MoE layer's gradient at S/32's width, two
+# runs: unrolled, 1.08-1.23x faster at E = 4 and 8; 0.93-1.02x at E = 16
+# and 32, whose compile time it doubles to quadruples).
+UNROLL_UP_TO = 8
+
+
 def _loop_over_experts(sizes, rows_per_expert, branch, inputs, init,
-                       unrolled=False):
+                       training=False):
     """For each expert e: the outputs of `branch(B_e)` on (each of
     `inputs`' [E, ...] slices at e, ...), B_e the smallest of `sizes` that
     holds rows_per_expert[e], written at e into the [E, ...] arrays that
     `init()` returns (the branches' outputs, zero-filled).
 
-    `unrolled`: one switch per expert on static slices, the results stacked
-    once, instead of a loop writing each expert's results into the carried
-    arrays. The training step's two loops (the forward pass that keeps the
-    pre-activations, and the backward pass) are unrolled: it saves the
-    loop's dynamic slices, in-place updates and zero fills (V-MoE S/32's
-    training step 1.04-1.06x, PERFORMANCE.md "Seventh round"). Inference
-    keeps the loop: unrolled, E³ inference ran slower (0.95-0.98x) with
-    three times the page faults.
+    `training` (the training step's two loops: the forward pass that keeps
+    the pre-activations, and the backward pass), with at most
+    `UNROLL_UP_TO` experts: unrolled, one switch per expert on static
+    slices and the results stacked once, which saves the loop's dynamic
+    slices, in-place updates and zero fills (V-MoE S/32's training step
+    1.03-1.06x, PERFORMANCE.md "Seventh round"). Inference keeps the loop:
+    unrolled, E³ inference ran slower (0.95-0.98x) with three times the
+    page faults.
     """
     limits = ops.convert_to_tensor(list(sizes[:-1]), "int32")
     branches = [branch(size) for size in sizes]
@@ -227,9 +234,10 @@ def _loop_over_experts(sizes, rows_per_expert, branch, inputs, init,
         index = ops.sum(ops.cast(limits < rows_per_expert[e], "int32"))
         return ops.switch(index, branches, *slices)
 
-    if unrolled:
+    num_experts = inputs[0].shape[0]
+    if training and num_experts <= UNROLL_UP_TO:
         outputs = [outputs_at(e, [a[e] for a in inputs])
-                   for e in range(inputs[0].shape[0])]
+                   for e in range(num_experts)]
         return tuple(ops.stack([out[k] for out in outputs], axis=0)
                      for k in range(len(outputs[0])))
 
@@ -239,7 +247,7 @@ def _loop_over_experts(sizes, rows_per_expert, branch, inputs, init,
                                       out[None])
                      for total, out in zip(carry, outputs))
 
-    return ops.fori_loop(0, inputs[0].shape[0], body, tuple(init()))
+    return ops.fori_loop(0, num_experts, body, tuple(init()))
 
 
 def _segments_forward(x, params, rows_per_expert, sizes, keep_pre,
@@ -267,7 +275,7 @@ def _segments_forward(x, params, rows_per_expert, sizes, keep_pre,
         return [ops.zeros_like(x)]
 
     return _loop_over_experts(sizes, rows_per_expert, branch,
-                              [x] + list(params), init, unrolled=keep_pre)
+                              [x] + list(params), init, training=keep_pre)
 
 
 def _segments_backward(dy, x, pre, params, rows_per_expert, sizes,
@@ -295,7 +303,7 @@ def _segments_backward(dy, x, pre, params, rows_per_expert, sizes,
 
     return _loop_over_experts(sizes, rows_per_expert, branch,
                               [x, pre, dy, params[0], params[2]], init,
-                              unrolled=True)
+                              training=True)
 
 
 def expert_segments(x, params, rows_per_expert, sizes, differentiable=False,
