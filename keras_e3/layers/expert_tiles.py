@@ -223,7 +223,7 @@ def _loop_over_experts(sizes, rows_per_expert, branch, inputs, init,
     `UNROLL_UP_TO` experts: unrolled, one switch per expert on static
     slices and the results stacked once, which saves the loop's dynamic
     slices, in-place updates and zero fills (V-MoE S/32's training step
-    1.03-1.06x, PERFORMANCE.md "Seventh round"). Inference keeps the loop:
+    1.02-1.06x, PERFORMANCE.md "Seventh round"). Inference keeps the loop:
     unrolled, E³ inference ran slower (0.95-0.98x) with three times the
     page faults.
     """
