@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
                                 reason="a JAX benchmark")
 
 
-def test_quick_run_writes_both_programs_per_case(tmp_path, capsys):
+def test_quick_run_writes_both_programs_per_case(tmp_path):
     from keras_e3.layers import expert_tiles
 
     out = tmp_path / "expert_loop.json"

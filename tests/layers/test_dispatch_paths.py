@@ -286,6 +286,14 @@ def tile_reference(x, params, tile_expert, num_used, tile_size):
     return (y + keras.ops.take(bias_1, rows, 0)) * used[:, None]
 
 
+def expert_params(rng, experts):
+    """Stacked random expert weights (kernel_0 [E, 6, 10], bias_0 [E, 10],
+    kernel_1 [E, 10, 6], bias_1 [E, 6]) at half the normal's scale."""
+    return [rng.normal(size=s).astype("float32") * 0.5 for s in
+            ((experts, 6, 10), (experts, 10), (experts, 10, 6),
+             (experts, 6))]
+
+
 @pytest.mark.parametrize("jit", [
     False, pytest.param(True, marks=[pytest.mark.jit, pytest.mark.skipif(
         keras.backend.backend() != "jax",
@@ -301,9 +309,7 @@ def test_expert_tiles_custom_gradient(rng, jit):
                                               "int32")
     num_used = 5
     x = rng.normal(size=(7 * tile_size, 6)).astype("float32")
-    params = [rng.normal(size=s).astype("float32") * 0.5 for s in
-              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
-               (experts, 6))]
+    params = expert_params(rng, experts)
     target = rng.normal(size=x.shape).astype("float32")
 
     def loss(fn):
@@ -467,9 +473,7 @@ def test_expert_segments_custom_gradient(rng, jit):
     experts, bound, sizes = 3, 12, [0, 4, 8, 12]
     rows_per_expert = [5, 0, 12]
     x = rng.normal(size=(experts, bound, 6)).astype("float32")
-    params = [rng.normal(size=s).astype("float32") * 0.5 for s in
-              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
-               (experts, 6))]
+    params = expert_params(rng, experts)
     target = rng.normal(size=x.shape).astype("float32")
     counts = keras.ops.convert_to_tensor(rows_per_expert, "int32")
 
@@ -499,9 +503,7 @@ def test_expert_segments_values(rng, differentiable):
     experts, bound, sizes = 4, 12, [0, 4, 8, 12]
     rows_per_expert = [5, 0, 12, 3]
     x = rng.normal(size=(experts, bound, 6)).astype("float32")
-    params = [rng.normal(size=s).astype("float32") * 0.5 for s in
-              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
-               (experts, 6))]
+    params = expert_params(rng, experts)
     counts = keras.ops.convert_to_tensor(rows_per_expert, "int32")
     ours = to_numpy(expert_segments(x, params, counts, sizes,
                                     differentiable=differentiable))
@@ -540,9 +542,7 @@ def test_expert_segments_loops_unrolled_for_training_only(rng, experts):
 
     bound, sizes = 12, [0, 4, 8, 12]
     x = rng.normal(size=(experts, bound, 6)).astype("float32")
-    params = [rng.normal(size=s).astype("float32") for s in
-              ((experts, 6, 10), (experts, 10), (experts, 10, 6),
-               (experts, 6))]
+    params = expert_params(rng, experts)
     counts = keras.ops.convert_to_tensor(
         rng.integers(0, bound + 1, size=experts), "int32")
 
